@@ -1,0 +1,301 @@
+//! Domain types. Profiles are stored as one document (fields, attributes, grants, revokes) plus
+//! their transactions, so that a profile read is two indexed lookups and a profile write is one
+//! row version bump.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use uuid::Uuid;
+
+/// Stores every app knows without configuration.
+pub const BUILTIN_STORES: &[&str] = &["app_store", "play_store", "stripe", "paddle", "adapty"];
+
+/// The access level every app has.
+pub const DEFAULT_ACCESS_LEVEL: &str = "premium";
+
+/// Store and product shown for access given by a grant, as Adapty shows server-side grants.
+pub const GRANT_STORE: &str = "adapty";
+pub const GRANT_PRODUCT_ID: &str = "adapty_server_side_product";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProductKind {
+    Subscription,
+    OneTime,
+    Consumable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Product {
+    pub id: String,
+    pub access_level_id: Option<String>,
+    pub kind: ProductKind,
+    /// Store name (`app_store`, `play_store`, `stripe` or a custom store id) to that store's
+    /// product id.
+    pub store_product_ids: BTreeMap<String, String>,
+}
+
+/// An app as declared in the configuration: its access levels, products and custom stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppDefinition {
+    pub id: Uuid,
+    pub name: String,
+    pub access_levels: Vec<String>,
+    pub products: Vec<Product>,
+    pub custom_stores: Vec<String>,
+}
+
+/// An app with its lookups built once.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub definition: AppDefinition,
+    products_by_store_id: HashMap<(String, String), usize>,
+}
+
+impl App {
+    pub fn new(mut definition: AppDefinition) -> Self {
+        if !definition
+            .access_levels
+            .iter()
+            .any(|l| l == DEFAULT_ACCESS_LEVEL)
+        {
+            definition
+                .access_levels
+                .insert(0, DEFAULT_ACCESS_LEVEL.to_string());
+        }
+        let mut products_by_store_id = HashMap::new();
+        for (index, product) in definition.products.iter().enumerate() {
+            for (store, store_product_id) in &product.store_product_ids {
+                products_by_store_id.insert((store.clone(), store_product_id.clone()), index);
+            }
+        }
+        Self {
+            definition,
+            products_by_store_id,
+        }
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.definition.id
+    }
+
+    pub fn has_access_level(&self, id: &str) -> bool {
+        self.definition.access_levels.iter().any(|l| l == id)
+    }
+
+    pub fn knows_store(&self, store: &str) -> bool {
+        BUILTIN_STORES.contains(&store) || self.definition.custom_stores.iter().any(|s| s == store)
+    }
+
+    pub fn product(&self, store: &str, store_product_id: &str) -> Option<&Product> {
+        self.products_by_store_id
+            .get(&(store.to_string(), store_product_id.to_string()))
+            .map(|&i| &self.definition.products[i])
+    }
+}
+
+/// How a request names its profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileKey {
+    Id(Uuid),
+    CustomerUserId(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttributeValue {
+    Number(f64),
+    Text(String),
+}
+
+/// The personal fields of a profile; `None` is "not set".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProfileFields {
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub gender: Option<String>,
+    pub email: Option<String>,
+    pub phone_number: Option<String>,
+    pub birthday: Option<NaiveDate>,
+    pub ip_country: Option<String>,
+    pub ip_v4_address: Option<String>,
+    pub store_country: Option<String>,
+    pub store: Option<String>,
+    pub analytics_disabled: Option<bool>,
+    pub att_status: Option<i64>,
+    pub store_account_token: Option<String>,
+}
+
+/// Access given without a transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: Uuid,
+    pub access_level_id: String,
+    pub starts_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    /// Write sequence number in the profile: a revoke caps only sources older than itself.
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revoke {
+    pub access_level_id: String,
+    pub revoke_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub seq: i64,
+}
+
+/// Everything about a profile except its transactions, stored as one document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProfileDoc {
+    pub fields: ProfileFields,
+    pub attributes: BTreeMap<String, AttributeValue>,
+    /// The last installation meta posted, as posted.
+    pub installation_meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The last `adapty-platform` header seen.
+    pub platform: Option<String>,
+    pub grants: Vec<Grant>,
+    pub revokes: Vec<Revoke>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub id: Uuid,
+    pub app_id: Uuid,
+    pub customer_user_id: Option<String>,
+    /// Bumped by every write; also the sequence number handed to what that write adds.
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub doc: ProfileDoc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PurchaseType {
+    Subscription,
+    OneTimePurchase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Environment {
+    Production,
+    Sandbox,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "Production",
+            Environment::Sandbox => "Sandbox",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub category: String,
+    #[serde(rename = "type")]
+    pub offer_type: String,
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    pub country: String,
+    pub currency: String,
+    /// Millionths of the currency unit, so that sums are exact.
+    pub value_micros: i64,
+    /// The same price in millionths of a US dollar, converted when the transaction was recorded.
+    pub usd_micros: i64,
+}
+
+/// A purchase from any store, as recorded by set-transaction (or an import).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// The `purchase_id` of a one-time purchase; stable across updates.
+    pub id: Uuid,
+    pub profile_id: Option<Uuid>,
+    pub seq: i64,
+    pub purchase_type: PurchaseType,
+    pub store: String,
+    pub environment: Environment,
+    pub store_product_id: String,
+    pub store_base_plan_id: Option<String>,
+    pub store_transaction_id: String,
+    pub store_original_transaction_id: String,
+    pub offer: Option<Offer>,
+    pub is_family_shared: bool,
+    pub price: Price,
+    pub purchased_at: DateTime<Utc>,
+    pub originally_purchased_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub refunded_at: Option<DateTime<Utc>>,
+    pub cancellation_reason: Option<String>,
+    pub variation_id: Option<String>,
+    pub renew_status: Option<bool>,
+    pub renew_status_changed_at: Option<DateTime<Utc>>,
+    pub billing_issue_detected_at: Option<DateTime<Utc>>,
+    pub grace_period_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Transaction {
+    pub fn is_refunded(&self) -> bool {
+        self.refunded_at.is_some()
+    }
+
+    pub fn same_chain(&self, store: &str, original_id: &str) -> bool {
+        self.store == store && self.store_original_transaction_id == original_id
+    }
+}
+
+/// A profile with everything a read needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileState {
+    pub profile: Profile,
+    pub transactions: Vec<Transaction>,
+}
+
+impl ProfileState {
+    /// Revenue of every transaction not refunded, in millionths of a dollar.
+    pub fn total_revenue_usd_micros(&self) -> i64 {
+        self.transactions
+            .iter()
+            .filter(|t| !t.is_refunded())
+            .map(|t| t.price.usd_micros)
+            .sum()
+    }
+
+    /// A short hash of the custom attributes: it changes whenever they change.
+    pub fn segment_hash(&self) -> String {
+        // FNV-1a over a canonical rendering; stable across builds, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for (key, value) in &self.profile.doc.attributes {
+            feed(key.as_bytes());
+            feed(&[0]);
+            match value {
+                AttributeValue::Number(n) => {
+                    feed(b"n");
+                    feed(&n.to_bits().to_le_bytes());
+                }
+                AttributeValue::Text(s) => {
+                    feed(b"s");
+                    feed(s.as_bytes());
+                }
+            }
+            feed(&[0xff]);
+        }
+        format!("{hash:016x}")
+    }
+}

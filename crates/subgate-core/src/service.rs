@@ -1,0 +1,527 @@
+//! The use cases. Each loads through the [`Store`], decides with pure domain functions and
+//! hands the store one atomic change.
+
+use crate::access;
+use crate::attributes::{self, AttributeChange};
+use crate::clock::Clock;
+use crate::currency::Rates;
+use crate::error::{ApiError, ErrorCode};
+use crate::model::{
+    App, Grant, Profile, ProfileDoc, ProfileFields, ProfileKey, ProfileState, Revoke, Transaction,
+};
+use crate::store::{
+    ChainRef, Change, Decide, Loaded, Lookup, Outcome, Store, StoreError, WriteError,
+};
+use crate::time;
+use crate::transaction::{self, TransactionInput};
+use chrono::{DateTime, NaiveDate, Utc};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// How a request names its user: at least one of the two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub profile_id: Option<Uuid>,
+    pub customer_user_id: Option<String>,
+}
+
+impl Identity {
+    /// The key a read goes by: the profile id when given.
+    pub fn key(&self) -> ProfileKey {
+        match (&self.profile_id, &self.customer_user_id) {
+            (Some(id), _) => ProfileKey::Id(*id),
+            (None, Some(cuid)) => ProfileKey::CustomerUserId(cuid.clone()),
+            (None, None) => ProfileKey::CustomerUserId(String::new()),
+        }
+    }
+
+    fn lookup(&self) -> Lookup {
+        Lookup {
+            profile_id: self.profile_id,
+            customer_user_id: self.customer_user_id.clone(),
+            chain: None,
+        }
+    }
+}
+
+/// A field of a partial update: left out, cleared with null, or set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Patch<T> {
+    #[default]
+    Keep,
+    Clear,
+    Set(T),
+}
+
+impl<T: Clone> Patch<T> {
+    fn apply(&self, target: &mut Option<T>) {
+        match self {
+            Patch::Keep => {}
+            Patch::Clear => *target = None,
+            Patch::Set(v) => *target = Some(v.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FieldsPatch {
+    pub first_name: Patch<String>,
+    pub last_name: Patch<String>,
+    pub gender: Patch<String>,
+    pub email: Patch<String>,
+    pub phone_number: Patch<String>,
+    pub birthday: Patch<NaiveDate>,
+    pub ip_country: Patch<String>,
+    pub ip_v4_address: Patch<String>,
+    pub store_country: Patch<String>,
+    pub store: Patch<String>,
+    pub analytics_disabled: Patch<bool>,
+    pub att_status: Patch<i64>,
+    pub store_account_token: Patch<String>,
+}
+
+impl FieldsPatch {
+    fn apply(&self, f: &mut ProfileFields) {
+        self.first_name.apply(&mut f.first_name);
+        self.last_name.apply(&mut f.last_name);
+        self.gender.apply(&mut f.gender);
+        self.email.apply(&mut f.email);
+        self.phone_number.apply(&mut f.phone_number);
+        self.birthday.apply(&mut f.birthday);
+        self.ip_country.apply(&mut f.ip_country);
+        self.ip_v4_address.apply(&mut f.ip_v4_address);
+        self.store_country.apply(&mut f.store_country);
+        self.store.apply(&mut f.store);
+        self.analytics_disabled.apply(&mut f.analytics_disabled);
+        self.att_status.apply(&mut f.att_status);
+        self.store_account_token.apply(&mut f.store_account_token);
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileUpdate {
+    pub fields: FieldsPatch,
+    pub attributes: Option<Vec<AttributeChange>>,
+    pub installation_meta: Option<serde_json::Map<String, serde_json::Value>>,
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantInput {
+    pub access_level_id: String,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevokeInput {
+    pub access_level_id: String,
+    /// `None`: now.
+    pub revoke_at: Option<DateTime<Utc>>,
+}
+
+/// Which error an unknown profile is on a given route.
+#[derive(Debug, Clone, Copy)]
+enum Missing {
+    /// Profile routes: 404 `not_found`.
+    NotFound,
+    /// Purchase routes: 400 `profile_does_not_exist`.
+    ProfileDoesNotExist,
+}
+
+impl Missing {
+    fn error(self) -> ApiError {
+        match self {
+            Missing::NotFound => ApiError::new(ErrorCode::NotFound),
+            Missing::ProfileDoesNotExist => ApiError::new(ErrorCode::ProfileDoesNotExist),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Services {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub rates: Arc<Rates>,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => ApiError::new(ErrorCode::ServiceUnavailable),
+            StoreError::Internal(_) => ApiError::new(ErrorCode::InternalServerError),
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Rejected(api) => api,
+            WriteError::Store(store) => {
+                tracing::error!(error = %store, "write failed");
+                store.into()
+            }
+        }
+    }
+}
+
+fn saved(outcome: Outcome, missing: Missing) -> Result<ProfileState, ApiError> {
+    match outcome {
+        Outcome::Saved(state) | Outcome::Kept(Some(state)) => Ok(state),
+        Outcome::Kept(None) | Outcome::Deleted => Err(missing.error()),
+    }
+}
+
+/// The loaded profile with its version bumped and `updated_at` moved: the start of every save.
+fn next_version(state: &ProfileState, now: DateTime<Utc>) -> ProfileState {
+    let mut next = state.clone();
+    next.profile.version += 1;
+    next.profile.updated_at = now;
+    next
+}
+
+fn existing(loaded: &Loaded, missing: Missing) -> Result<&ProfileState, ApiError> {
+    loaded.profile.as_ref().ok_or_else(|| missing.error())
+}
+
+impl Services {
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    pub async fn get_profile(&self, app: &App, who: &Identity) -> Result<ProfileState, ApiError> {
+        match self.store.load_profile(app.id(), &who.key()).await {
+            Ok(Some(state)) => Ok(state),
+            Ok(None) => Err(Missing::NotFound.error()),
+            Err(e) => {
+                tracing::error!(error = %e, "profile read failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        app: &App,
+        lookup: Lookup,
+        decide: Decide,
+        missing: Missing,
+    ) -> Result<ProfileState, ApiError> {
+        let outcome = self.store.write(app.id(), lookup, decide).await?;
+        saved(outcome, missing)
+    }
+
+    /// Creates the profile, or updates it when it exists (a retried create must not fail).
+    pub async fn upsert_profile(
+        &self,
+        app: &App,
+        who: &Identity,
+        update: ProfileUpdate,
+    ) -> Result<ProfileState, ApiError> {
+        let now = self.now();
+        let new_id = who.profile_id.unwrap_or_else(Uuid::new_v4);
+        let app_id = app.id();
+        let wanted_cuid = who.customer_user_id.clone();
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let mut next = match &loaded.profile {
+                Some(state) => next_version(state, now),
+                None => ProfileState {
+                    profile: Profile {
+                        id: new_id,
+                        app_id,
+                        customer_user_id: None,
+                        version: 1,
+                        created_at: now,
+                        updated_at: now,
+                        doc: ProfileDoc::default(),
+                    },
+                    transactions: Vec::new(),
+                },
+            };
+            if let Some(cuid) = &wanted_cuid {
+                if let Some(owner) = loaded.customer_user_id_owner {
+                    if owner != next.profile.id {
+                        return Err(ApiError::invalid(
+                            "customer_user_id",
+                            format!(
+                                "Customer user id `{cuid}` already belongs to another profile."
+                            ),
+                        ));
+                    }
+                }
+                next.profile.customer_user_id = Some(cuid.clone());
+            }
+            apply_update(&mut next.profile.doc, &update)?;
+            Ok(Change::Save {
+                state: next,
+                transactions: Vec::new(),
+            })
+        });
+        self.write(app, who.lookup(), decide, Missing::NotFound)
+            .await
+    }
+
+    /// Applies an update to an existing profile only.
+    pub async fn update_profile(
+        &self,
+        app: &App,
+        who: &Identity,
+        update: ProfileUpdate,
+    ) -> Result<ProfileState, ApiError> {
+        let now = self.now();
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let mut next = next_version(existing(loaded, Missing::NotFound)?, now);
+            apply_update(&mut next.profile.doc, &update)?;
+            Ok(Change::Save {
+                state: next,
+                transactions: Vec::new(),
+            })
+        });
+        self.write(app, self.read_lookup(who), decide, Missing::NotFound)
+            .await
+    }
+
+    pub async fn delete_profile(&self, app: &App, who: &Identity) -> Result<(), ApiError> {
+        let decide: Decide = Box::new(|loaded: &Loaded| {
+            let state = existing(loaded, Missing::NotFound)?;
+            Ok(Change::Delete {
+                profile: state.profile.clone(),
+            })
+        });
+        match self
+            .store
+            .write(app.id(), self.read_lookup(who), decide)
+            .await?
+        {
+            Outcome::Deleted => Ok(()),
+            _ => Err(Missing::NotFound.error()),
+        }
+    }
+
+    /// Writes that must find an existing profile look it up the way a read does.
+    fn read_lookup(&self, who: &Identity) -> Lookup {
+        match who.key() {
+            ProfileKey::Id(id) => Lookup {
+                profile_id: Some(id),
+                ..Lookup::default()
+            },
+            ProfileKey::CustomerUserId(cuid) => Lookup {
+                customer_user_id: Some(cuid),
+                ..Lookup::default()
+            },
+        }
+    }
+
+    pub async fn set_transaction(
+        &self,
+        app: &App,
+        who: &Identity,
+        input: TransactionInput,
+    ) -> Result<ProfileState, ApiError> {
+        let valid = transaction::validate(input, app, &self.rates)?;
+        let now = self.now();
+        let new_id = Uuid::new_v4();
+        let chain = ChainRef {
+            store: valid.input.store.clone(),
+            store_transaction_id: valid.input.store_transaction_id.clone(),
+            store_original_transaction_id: valid.input.store_original_transaction_id.clone(),
+        };
+        let lookup = Lookup {
+            chain: Some(chain.clone()),
+            ..self.read_lookup(who)
+        };
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let mut next = next_version(existing(loaded, Missing::ProfileDoesNotExist)?, now);
+            let profile_id = next.profile.id;
+            let seq = next.profile.version;
+            let previous = loaded.related.iter().find(|t| {
+                t.store == chain.store && t.store_transaction_id == chain.store_transaction_id
+            });
+            let i = &valid.input;
+            let recorded = Transaction {
+                id: previous.map_or(new_id, |p| p.id),
+                profile_id: Some(profile_id),
+                seq: previous.map_or(seq, |p| p.seq),
+                purchase_type: i.purchase_type,
+                store: i.store.clone(),
+                environment: i.environment,
+                store_product_id: i.store_product_id.clone(),
+                store_base_plan_id: i.store_base_plan_id.clone(),
+                store_transaction_id: i.store_transaction_id.clone(),
+                store_original_transaction_id: i.store_original_transaction_id.clone(),
+                offer: valid.offer.clone(),
+                is_family_shared: i.is_family_shared,
+                price: valid.price.clone(),
+                purchased_at: i.purchased_at,
+                originally_purchased_at: i.originally_purchased_at,
+                expires_at: i.expires_at,
+                refunded_at: i.refunded_at,
+                cancellation_reason: i.cancellation_reason.clone(),
+                variation_id: i.variation_id.clone(),
+                renew_status: i.renew_status,
+                renew_status_changed_at: i.renew_status_changed_at,
+                billing_issue_detected_at: i.billing_issue_detected_at,
+                grace_period_expires_at: i.grace_period_expires_at,
+                created_at: previous.map_or(now, |p| p.created_at),
+                updated_at: now,
+            };
+            // The rest of the chain follows the purchase to this profile (a restore on another
+            // account, or a deleted profile's history re-attached).
+            let mut changed: Vec<Transaction> = loaded
+                .related
+                .iter()
+                .filter(|t| {
+                    t.profile_id != Some(profile_id)
+                        && t.same_chain(&chain.store, &chain.store_original_transaction_id)
+                        && t.store_transaction_id != chain.store_transaction_id
+                })
+                .map(|t| Transaction {
+                    profile_id: Some(profile_id),
+                    ..t.clone()
+                })
+                .collect();
+            changed.push(recorded);
+            next.transactions.retain(|t| {
+                !changed
+                    .iter()
+                    .any(|c| c.store == t.store && c.store_transaction_id == t.store_transaction_id)
+            });
+            next.transactions.extend(changed.iter().cloned());
+            Ok(Change::Save {
+                state: next,
+                transactions: changed,
+            })
+        });
+        self.write(app, lookup, decide, Missing::ProfileDoesNotExist)
+            .await
+    }
+
+    pub async fn grant(
+        &self,
+        app: &App,
+        who: &Identity,
+        input: GrantInput,
+    ) -> Result<ProfileState, ApiError> {
+        require_level(app, &input.access_level_id)?;
+        let now = self.now();
+        let starts_at = input.starts_at.unwrap_or(now);
+        if let Some(expires_at) = input.expires_at {
+            if expires_at <= starts_at {
+                return Err(ApiError::invalid(
+                    "expires_at",
+                    "expires_at must be later than starts_at.",
+                ));
+            }
+        }
+        let grant_id = Uuid::new_v4();
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let mut next = next_version(existing(loaded, Missing::ProfileDoesNotExist)?, now);
+            next.profile.doc.grants.push(Grant {
+                id: grant_id,
+                access_level_id: input.access_level_id.clone(),
+                starts_at,
+                expires_at: input.expires_at,
+                created_at: now,
+                seq: next.profile.version,
+            });
+            Ok(Change::Save {
+                state: next,
+                transactions: Vec::new(),
+            })
+        });
+        self.write(
+            app,
+            self.read_lookup(who),
+            decide,
+            Missing::ProfileDoesNotExist,
+        )
+        .await
+    }
+
+    pub async fn revoke(
+        &self,
+        app: &App,
+        who: &Identity,
+        input: RevokeInput,
+    ) -> Result<ProfileState, ApiError> {
+        require_level(app, &input.access_level_id)?;
+        let now = self.now();
+        let app_for_decide = app.clone();
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let state = existing(loaded, Missing::ProfileDoesNotExist)?;
+            let level = input.access_level_id.as_str();
+            if !access::has_ever_had(&app_for_decide, state, level) {
+                return Err(ApiError::with_message(
+                    ErrorCode::ProfilePaidAccessLevelDoesNotExist,
+                    format!(
+                        "Profile `{}` has no `{level}` access level",
+                        state.profile.id
+                    ),
+                ));
+            }
+            let revoke_at = input.revoke_at.unwrap_or(now);
+            if let Some(requested) = input.revoke_at {
+                let current = access::derive(&app_for_decide, state, now)
+                    .into_iter()
+                    .find(|v| v.access_level_id == level)
+                    .and_then(|v| v.expires_at);
+                if let Some(expires_at) = current {
+                    if requested > expires_at {
+                        return Err(ApiError::with_message(
+                            ErrorCode::RevocationDateMoreThanExpirationDate,
+                            format!(
+                                "Revocation date ({}) is more than current expiration date ({})",
+                                time::format_message(&requested),
+                                time::format_message(&expires_at)
+                            ),
+                        ));
+                    }
+                }
+            }
+            let mut next = next_version(state, now);
+            next.profile.doc.revokes.push(Revoke {
+                access_level_id: level.to_string(),
+                revoke_at,
+                created_at: now,
+                seq: next.profile.version,
+            });
+            Ok(Change::Save {
+                state: next,
+                transactions: Vec::new(),
+            })
+        });
+        self.write(
+            app,
+            self.read_lookup(who),
+            decide,
+            Missing::ProfileDoesNotExist,
+        )
+        .await
+    }
+}
+
+fn require_level(app: &App, level: &str) -> Result<(), ApiError> {
+    if app.has_access_level(level) {
+        Ok(())
+    } else {
+        Err(ApiError::with_message(
+            ErrorCode::PaidAccessLevelDoesNotExist,
+            format!("Paid access level `{level}` does not exist"),
+        ))
+    }
+}
+
+fn apply_update(doc: &mut ProfileDoc, update: &ProfileUpdate) -> Result<(), ApiError> {
+    update.fields.apply(&mut doc.fields);
+    if let Some(changes) = &update.attributes {
+        doc.attributes = attributes::apply(&doc.attributes, changes, "custom_attributes")?;
+    }
+    if let Some(meta) = &update.installation_meta {
+        doc.installation_meta = Some(meta.clone());
+    }
+    if let Some(platform) = &update.platform {
+        doc.platform = Some(platform.clone());
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! The storage boundary. A backend offers point reads and one kind of write: load a profile
+//! (and the transactions a write touches) under a lock, let a pure `decide` function compute
+//! the new state, and persist it atomically. Concurrency is the backend's job (a single writer
+//! on SQLite; row locks and constraints on PostgreSQL), never the caller's.
+
+use crate::error::ApiError;
+use crate::model::{AppDefinition, Profile, ProfileKey, ProfileState, Transaction};
+use async_trait::async_trait;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused to work (answered as 503).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else that went wrong inside the backend (answered as 500).
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+/// What a write should load before deciding.
+#[derive(Debug, Clone, Default)]
+pub struct Lookup {
+    /// Load the profile with this id (takes precedence over the customer user id).
+    pub profile_id: Option<Uuid>,
+    /// Load the profile with this customer user id, and report which profile holds it.
+    pub customer_user_id: Option<String>,
+    /// Also load every transaction of this chain (`store`, `store_original_transaction_id`) and
+    /// the transaction `store_transaction_id` of that store, on any profile or none.
+    pub chain: Option<ChainRef>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChainRef {
+    pub store: String,
+    pub store_transaction_id: String,
+    pub store_original_transaction_id: String,
+}
+
+/// What `decide` sees.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub profile: Option<ProfileState>,
+    /// The profile that holds the requested customer user id, if any.
+    pub customer_user_id_owner: Option<Uuid>,
+    /// The transactions named by [`Lookup::chain`], wherever they are attached.
+    pub related: Vec<Transaction>,
+}
+
+/// What `decide` wants written.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Write nothing and answer with what was loaded.
+    Keep,
+    /// Insert or update the profile (its `version` already bumped; `version == 1` is an insert)
+    /// and upsert `transactions` (keyed by app, store and store transaction id).
+    Save {
+        state: ProfileState,
+        transactions: Vec<Transaction>,
+    },
+    /// Delete the profile and detach its transactions.
+    Delete { profile: Profile },
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Saved(ProfileState),
+    Kept(Option<ProfileState>),
+    Deleted,
+}
+
+/// Pure decision run inside the backend's transaction. It may be run more than once when a
+/// backend retries after a conflict, so it must not have side effects.
+pub type Decide = Box<dyn Fn(&Loaded) -> Result<Change, ApiError> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Rejected(#[from] ApiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Upserts the configured apps (config as code) at start.
+    async fn put_apps(&self, apps: &[AppDefinition]) -> Result<(), StoreError>;
+
+    async fn load_profile(
+        &self,
+        app_id: Uuid,
+        key: &ProfileKey,
+    ) -> Result<Option<ProfileState>, StoreError>;
+
+    /// Loads what `lookup` names, runs `decide`, and applies its change in one transaction.
+    async fn write(
+        &self,
+        app_id: Uuid,
+        lookup: Lookup,
+        decide: Decide,
+    ) -> Result<Outcome, WriteError>;
+
+    /// Cheap liveness check of the database, for `/ready`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,91 @@
+//! The wire's date formats, in one place.
+
+use chrono::{DateTime, FixedOffset, NaiveDate, SecondsFormat, TimeZone, Utc};
+
+/// Parses ISO 8601 date-times as NOTES.md requires: `Z`, `+00:00` or `+0000` offsets, with or
+/// without fractional seconds. Any other offset is accepted too and converted to UTC.
+pub fn parse_datetime(input: &str) -> Option<DateTime<Utc>> {
+    let s = input.trim();
+    if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
+        return Some(dt.with_timezone(&Utc));
+    }
+    // `+0000`-style offsets (and a space instead of `T`) are not RFC 3339.
+    for format in ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"] {
+        if let Ok(dt) = DateTime::<FixedOffset>::parse_from_str(s, format) {
+            return Some(dt.with_timezone(&Utc));
+        }
+    }
+    None
+}
+
+/// v2 dates: `2024-12-24T10:50:23.000000+00:00`.
+pub fn format_v2(dt: &DateTime<Utc>) -> String {
+    dt.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+}
+
+/// v1 and webhook dates: `2020-02-21T16:30:34.000000+0000`.
+pub fn format_v1(dt: &DateTime<Utc>) -> String {
+    dt.format("%Y-%m-%dT%H:%M:%S%.6f+0000").to_string()
+}
+
+/// Human form used inside error messages, as Adapty's examples show it.
+pub fn format_message(dt: &DateTime<Utc>) -> String {
+    dt.to_rfc3339_opts(SecondsFormat::Secs, false)
+        .replace('T', " ")
+}
+
+/// Plain `YYYY-MM-DD`.
+pub fn parse_date(input: &str) -> Option<NaiveDate> {
+    if input.len() != 10 {
+        return None;
+    }
+    NaiveDate::parse_from_str(input, "%Y-%m-%d").ok()
+}
+
+/// Storage keeps instants as microseconds since the epoch: compact, sortable, exact.
+pub fn to_micros(dt: &DateTime<Utc>) -> i64 {
+    dt.timestamp_micros()
+}
+
+pub fn from_micros(micros: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(micros)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_documented_offset_form() {
+        let expected = Utc.with_ymd_and_hms(2022, 10, 12, 9, 42, 50).unwrap();
+        for s in [
+            "2022-10-12T09:42:50Z",
+            "2022-10-12T09:42:50+00:00",
+            "2022-10-12T09:42:50+0000",
+            "2022-10-12T09:42:50.000000+0000",
+            "2022-10-12T09:42:50.000Z",
+            "2022-10-12T11:42:50+02:00",
+        ] {
+            assert_eq!(parse_datetime(s), Some(expected), "{s}");
+        }
+        assert_eq!(parse_datetime("2022-10-12"), None);
+        assert_eq!(parse_datetime("yesterday"), None);
+    }
+
+    #[test]
+    fn formats_six_fraction_digits_in_utc() {
+        let dt = Utc.with_ymd_and_hms(2024, 12, 24, 10, 50, 23).unwrap();
+        assert_eq!(format_v2(&dt), "2024-12-24T10:50:23.000000+00:00");
+        assert_eq!(format_v1(&dt), "2024-12-24T10:50:23.000000+0000");
+        assert_eq!(format_message(&dt), "2024-12-24 10:50:23+00:00");
+    }
+
+    #[test]
+    fn dates_are_strict() {
+        assert!(parse_date("2000-12-31").is_some());
+        assert!(parse_date("2000-2-3").is_none());
+        assert!(parse_date("2000-13-01").is_none());
+    }
+}
