@@ -1,1 +1,133 @@
-fn main() {}
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use subgate_core::SystemClock;
+use subgate_server::config::{self, Overrides, Settings};
+
+/// Subgate: a self-hosted subscription and entitlement backend, compatible with Adapty's
+/// server-side API.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// TOML config file. Without one, subgate-data/subgate.toml is used (and written, with a
+    /// demo app, on first start).
+    #[arg(long, env = "SUBGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database URL (overrides the config and SUBGATE_DATABASE_URL).
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API server.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on (overrides the config and SUBGATE_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn load(common: &Common, listen: Option<String>) -> anyhow::Result<(Settings, Option<PathBuf>)> {
+    let overrides = Overrides {
+        listen,
+        database_url: common.database_url.clone(),
+    };
+    match &common.config {
+        Some(path) => Ok((Settings::load(Some(path), &overrides)?, None)),
+        None => {
+            let (path, created) = config::demo_config()?;
+            if created {
+                eprintln!("No config given: wrote a demo config to {}", path.display());
+            }
+            Ok((Settings::load(Some(&path), &overrides)?, Some(path)))
+        }
+    }
+}
+
+fn print_demo_banner(settings: &Settings, path: &std::path::Path, addr: std::net::SocketAddr) {
+    println!(
+        "Subgate is listening on http://{addr} (demo config: {})",
+        path.display()
+    );
+    for app in &settings.apps {
+        println!("App `{}` ({})", app.name, app.app_id());
+        for key in &app.public_keys {
+            println!("  public key: {key}");
+        }
+        for key in &app.secret_keys {
+            println!("  secret key: {key}");
+        }
+    }
+    if let Some(key) = settings.apps.first().and_then(|a| a.secret_keys.first()) {
+        println!("Try it:");
+        println!(
+            "  curl -s -X POST http://{addr}/api/v2/server-side-api/profile/ \\\n    -H 'Authorization: Api-Key {key}' \\\n    -H 'adapty-customer-user-id: user-1' -H 'Content-Type: application/json' \\\n    -d '{{\"custom_attributes\": [{{\"key\": \"plan\", \"value\": \"trial\"}}]}}'"
+        );
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SUBGATE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve { common, listen } => {
+            let (settings, demo) = load(&common, listen)?;
+            let running = subgate_server::start(&settings, Arc::new(SystemClock)).await?;
+            tracing::info!(addr = %running.addr, database = %subgate_server::redact(&settings.database.url), apps = settings.apps.len(), "serving");
+            if let Some(path) = demo {
+                print_demo_banner(&settings, &path, running.addr);
+            }
+            running.run_until(shutdown_signal()).await
+        }
+        Command::Migrate { common } => {
+            let (settings, _) = load(&common, None)?;
+            subgate_server::open_store(&settings.database.url)
+                .await
+                .context("migrating")?;
+            println!(
+                "Database at {} is up to date.",
+                subgate_server::redact(&settings.database.url)
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,303 @@
+//! Subgate's [`Store`] on an embedded SQLite file.
+//!
+//! Writes go to one writer thread that owns the only writing connection: it takes every write
+//! queued at that moment, runs each inside its own savepoint of one `BEGIN IMMEDIATE`
+//! transaction, commits once (group commit, `synchronous=FULL`) and only then answers. So
+//! writes are serialized (no `SQLITE_BUSY`, no lost updates), every answered write is durable,
+//! and a rejected write leaves nothing behind. Reads use a small pool of separate connections,
+//! which WAL mode lets run beside the writer.
 
+mod rows;
+mod schema;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
+use subgate_core::store::{Decide, Lookup, Outcome, Store, StoreError, WriteError};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Writes taken into one commit at most; bounds the latency a batch adds.
+const MAX_BATCH: usize = 512;
+const READERS: usize = 4;
+
+enum Job {
+    Write {
+        app_id: Uuid,
+        lookup: Lookup,
+        decide: Decide,
+        reply: oneshot::Sender<Result<Outcome, WriteError>>,
+    },
+    PutApps {
+        apps: Vec<AppDefinition>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+/// Parses `sqlite://path`, `sqlite:path` and `sqlite:///absolute/path` into a file path.
+pub fn path_from_url(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let rest = rest.split('?').next().unwrap_or(rest);
+    (!rest.is_empty()).then(|| PathBuf::from(rest))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA busy_timeout = 5000;
+         PRAGMA foreign_keys = ON;",
+    )
+    .map_err(unavailable)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file, migrates it and starts the writer.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut writer_conn = open_connection(&path)?;
+        schema::migrate(&mut writer_conn)?;
+        let readers = (0..READERS)
+            .map(|_| open_connection(&path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("subgate-sqlite-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx))
+            .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            path,
+            writer: tx,
+            readers: Arc::new(Mutex::new(readers)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&path)?,
+            };
+            let result = f(&conn);
+            readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+    }
+
+    async fn submit<T>(
+        &self,
+        job: Job,
+        reply: oneshot::Receiver<Result<T, WriteError>>,
+    ) -> Result<T, WriteError> {
+        self.writer
+            .send(job)
+            .map_err(|_| StoreError::Internal("the writer thread has stopped".into()))?;
+        reply
+            .await
+            .map_err(|_| StoreError::Internal("the writer thread dropped a write".into()))?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_apps(&self, apps: &[AppDefinition]) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::PutApps {
+            apps: apps.to_vec(),
+            reply,
+        };
+        self.submit(job, rx).await.map_err(|e| match e {
+            WriteError::Store(s) => s,
+            WriteError::Rejected(api) => StoreError::Internal(api.to_string()),
+        })
+    }
+
+    async fn load_profile(
+        &self,
+        app_id: Uuid,
+        key: &ProfileKey,
+    ) -> Result<Option<ProfileState>, StoreError> {
+        let key = key.clone();
+        self.read(move |conn| rows::load_profile(conn, app_id, &key))
+            .await
+    }
+
+    async fn write(
+        &self,
+        app_id: Uuid,
+        lookup: Lookup,
+        decide: Decide,
+    ) -> Result<Outcome, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Write {
+            app_id,
+            lookup,
+            decide,
+            reply,
+        };
+        self.submit(job, rx).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+}
+
+enum Reply {
+    Write(
+        oneshot::Sender<Result<Outcome, WriteError>>,
+        Result<Outcome, WriteError>,
+    ),
+    Apps(
+        oneshot::Sender<Result<(), WriteError>>,
+        Result<(), WriteError>,
+    ),
+}
+
+impl Reply {
+    /// A job's reply slot, with a placeholder success that [`Reply::fail`] replaces.
+    fn of(job: Job) -> Self {
+        match job {
+            Job::Write { reply, .. } => Reply::Write(reply, Ok(Outcome::Deleted)),
+            Job::PutApps { reply, .. } => Reply::Apps(reply, Ok(())),
+        }
+    }
+
+    /// After a failed commit nothing of the batch was written.
+    fn fail(self, error: &StoreError) -> Self {
+        let err = || WriteError::Store(StoreError::Unavailable(error.to_string()));
+        match self {
+            Reply::Write(tx, Ok(_)) => Reply::Write(tx, Err(err())),
+            Reply::Apps(tx, Ok(())) => Reply::Apps(tx, Err(err())),
+            other => other,
+        }
+    }
+
+    fn send(self) {
+        // A caller that went away (client disconnected) no longer needs the answer.
+        match self {
+            Reply::Write(tx, r) => drop(tx.send(r)),
+            Reply::Apps(tx, r) => drop(tx.send(r)),
+        }
+    }
+}
+
+fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let replies = run_batch(&mut conn, batch);
+        for reply in replies {
+            reply.send();
+        }
+    }
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Reply> {
+    let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let error = unavailable(e);
+            return batch
+                .into_iter()
+                .map(|job| Reply::of(job).fail(&error))
+                .collect();
+        }
+    };
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        match job {
+            Job::Write {
+                app_id,
+                lookup,
+                decide,
+                reply,
+            } => {
+                let result = in_savepoint(&mut tx, |sp| rows::write(sp, app_id, &lookup, &decide));
+                replies.push(Reply::Write(reply, result));
+            }
+            Job::PutApps { apps, reply } => {
+                let result = in_savepoint(&mut tx, |sp| {
+                    rows::put_apps(sp, &apps).map_err(WriteError::from)
+                });
+                replies.push(Reply::Apps(reply, result));
+            }
+        }
+    }
+    match tx.commit() {
+        Ok(()) => replies,
+        Err(e) => {
+            let error = unavailable(e);
+            tracing::error!(%error, "commit failed; the whole batch is rolled back");
+            replies.into_iter().map(|r| r.fail(&error)).collect()
+        }
+    }
+}
+
+/// Runs one job in a savepoint: its failure rolls back only its own changes.
+fn in_savepoint<T>(
+    tx: &mut rusqlite::Transaction<'_>,
+    f: impl FnOnce(&rusqlite::Savepoint<'_>) -> Result<T, WriteError>,
+) -> Result<T, WriteError> {
+    let sp = tx
+        .savepoint()
+        .map_err(|e| WriteError::Store(unavailable(e)))?;
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&sp))).unwrap_or_else(|_| {
+            Err(WriteError::Store(StoreError::Internal(
+                "a write panicked".into(),
+            )))
+        });
+    match result {
+        Ok(value) => {
+            sp.commit().map_err(|e| WriteError::Store(unavailable(e)))?;
+            Ok(value)
+        }
+        // Dropping the savepoint rolls it back.
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,296 @@
+//! Settings: defaults, then the TOML file, then `SUBGATE_*` variables, then flags. Apps are
+//! declared here (config as code) and upserted into the database at start.
+
+use anyhow::{bail, Context};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use subgate_core::model::{
+    AppDefinition, Product, ProductKind, BUILTIN_STORES, DEFAULT_ACCESS_LEVEL,
+};
+use uuid::Uuid;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEMO_DIR: &str = "subgate-data";
+pub const DEMO_CONFIG: &str = "subgate-data/subgate.toml";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://subgate-data/subgate.db";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub database: DatabaseSettings,
+    /// Units of a currency per US dollar, added to or overriding the shipped table.
+    #[serde(default)]
+    pub currency_rates: HashMap<String, f64>,
+    #[serde(default)]
+    pub apps: Vec<AppSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerSettings {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseSettings {
+    #[serde(default = "default_database_url")]
+    pub url: String,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+
+fn default_database_url() -> String {
+    DEFAULT_DATABASE_URL.to_string()
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: default_database_url(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppSettings {
+    /// Optional; without it the id is derived from the name, so it is stable across restarts.
+    pub id: Option<Uuid>,
+    pub name: String,
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    #[serde(default)]
+    pub secret_keys: Vec<String>,
+    #[serde(default)]
+    pub custom_stores: Vec<String>,
+    #[serde(default)]
+    pub access_levels: Vec<AccessLevelSettings>,
+    #[serde(default)]
+    pub products: Vec<ProductSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessLevelSettings {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProductSettings {
+    pub id: String,
+    pub access_level_id: Option<String>,
+    #[serde(rename = "type", default = "default_product_kind")]
+    pub kind: ProductKind,
+    #[serde(default)]
+    pub store_product_ids: BTreeMap<String, String>,
+}
+
+fn default_product_kind() -> ProductKind {
+    ProductKind::Subscription
+}
+
+/// Overrides given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub database_url: Option<String>,
+}
+
+impl AppSettings {
+    pub fn app_id(&self) -> Uuid {
+        self.id.unwrap_or_else(|| {
+            Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("subgate-app:{}", self.name).as_bytes(),
+            )
+        })
+    }
+
+    pub fn definition(&self) -> AppDefinition {
+        AppDefinition {
+            id: self.app_id(),
+            name: self.name.clone(),
+            access_levels: self.access_levels.iter().map(|l| l.id.clone()).collect(),
+            products: self
+                .products
+                .iter()
+                .map(|p| Product {
+                    id: p.id.clone(),
+                    access_level_id: p.access_level_id.clone(),
+                    kind: p.kind,
+                    store_product_ids: p.store_product_ids.clone(),
+                })
+                .collect(),
+            custom_stores: self.custom_stores.clone(),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads `path` (if any) and applies the environment and `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::empty()));
+        if let Some(path) = path {
+            if !path.exists() {
+                bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment
+            .merge(
+                Env::raw()
+                    .only(&["SUBGATE_LISTEN"])
+                    .map(|_| "server.listen".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["SUBGATE_DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            );
+        let mut settings: Settings = figment.extract().with_context(|| match path {
+            Some(p) => format!("invalid configuration in {}", p.display()),
+            None => "invalid configuration".to_string(),
+        })?;
+        if let Some(listen) = &overrides.listen {
+            settings.server.listen = listen.clone();
+        }
+        if let Some(url) = &overrides.database_url {
+            settings.database.url = url.clone();
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn empty() -> Self {
+        Self {
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            currency_rates: HashMap::new(),
+            apps: Vec::new(),
+        }
+    }
+
+    /// Refuses configurations that would misbehave later: shared keys, unknown levels or stores.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut keys = HashSet::new();
+        let mut ids = HashSet::new();
+        for app in &self.apps {
+            if !ids.insert(app.app_id()) {
+                bail!("app `{}`: two apps have the same id", app.name);
+            }
+            if app.public_keys.is_empty() && app.secret_keys.is_empty() {
+                bail!("app `{}` has no API keys", app.name);
+            }
+            for key in app.public_keys.iter().chain(&app.secret_keys) {
+                if key.trim().is_empty() || key.contains(char::is_whitespace) {
+                    bail!(
+                        "app `{}`: API keys must be non-empty and contain no spaces",
+                        app.name
+                    );
+                }
+                if !keys.insert(key.as_str()) {
+                    bail!("app `{}`: an API key is used twice", app.name);
+                }
+            }
+            let levels: HashSet<&str> = app
+                .access_levels
+                .iter()
+                .map(|l| l.id.as_str())
+                .chain([DEFAULT_ACCESS_LEVEL])
+                .collect();
+            for product in &app.products {
+                if let Some(level) = &product.access_level_id {
+                    if !levels.contains(level.as_str()) {
+                        bail!(
+                            "app `{}`, product `{}`: access level `{level}` is not declared under [[apps.access_levels]]",
+                            app.name,
+                            product.id
+                        );
+                    }
+                }
+                for store in product.store_product_ids.keys() {
+                    if !BUILTIN_STORES.contains(&store.as_str())
+                        && !app.custom_stores.contains(store)
+                    {
+                        bail!(
+                            "app `{}`, product `{}`: store `{store}` is neither built in ({}) nor in custom_stores",
+                            app.name,
+                            product.id,
+                            BUILTIN_STORES.join(", ")
+                        );
+                    }
+                }
+            }
+        }
+        for (code, rate) in &self.currency_rates {
+            if !(rate.is_finite() && *rate > 0.0) {
+                bail!("currency_rates.{code} must be a positive number");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The config used when none is given: `subgate-data/subgate.toml`, written on first start
+/// with a demo app and fresh keys. Returns its path and whether it was just created.
+pub fn demo_config() -> anyhow::Result<(PathBuf, bool)> {
+    let path = PathBuf::from(DEMO_CONFIG);
+    if path.exists() {
+        return Ok((path, false));
+    }
+    std::fs::create_dir_all(DEMO_DIR).with_context(|| format!("cannot create {DEMO_DIR}/"))?;
+    let text = format!(
+        r#"# Written by `subgate serve` on first start; edit freely. See README.md for every key.
+[server]
+listen = "{DEFAULT_LISTEN}"
+
+[database]
+url = "{DEFAULT_DATABASE_URL}"
+
+[[apps]]
+id = "{id}"
+name = "Demo"
+public_keys = ["public_live_{public}"]
+secret_keys = ["secret_live_{secret}"]
+custom_stores = ["web"]
+
+[[apps.access_levels]]
+id = "premium"
+
+[[apps.products]]
+id = "monthly"
+access_level_id = "premium"
+type = "subscription"
+store_product_ids = {{ app_store = "com.demo.monthly", play_store = "monthly", stripe = "prod_demo_monthly", web = "web_monthly" }}
+
+[[apps.products]]
+id = "lifetime"
+access_level_id = "premium"
+type = "one_time"
+store_product_ids = {{ app_store = "com.demo.lifetime", web = "web_lifetime" }}
+"#,
+        id = Uuid::new_v4(),
+        public = random_token(24),
+        secret = random_token(32),
+    );
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok((path, true))
+}
+
+fn random_token(len: usize) -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), len)
+}

@@ -1,0 +1,144 @@
+//! Subgate's server: configuration, the store chosen from the database URL, and HTTP.
+
+pub mod config;
+pub mod http;
+
+use anyhow::{bail, Context as _};
+use config::Settings;
+use http::{AppRegistry, Context};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use subgate_core::currency::Rates;
+use subgate_core::model::App;
+use subgate_core::service::Services;
+use subgate_core::store::Store;
+use subgate_core::Clock;
+use subgate_sqlite::SqliteStore;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Opens the store the URL's scheme names. A URL we cannot serve is an error, never a silent
+/// fallback to a new SQLite file.
+pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        let path = subgate_sqlite::path_from_url(url).with_context(|| {
+            format!("database.url `{url}` names no file; use sqlite://path/to/file.db")
+        })?;
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(path))
+            .await
+            .context("opening the SQLite database")??;
+        return Ok(Arc::new(store));
+    }
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        bail!(
+            "database.url `{}`: PostgreSQL is not supported by this build yet",
+            redact(url)
+        );
+    }
+    bail!(
+        "database.url `{}` is not supported: use sqlite://path/to/file.db",
+        redact(url)
+    )
+}
+
+/// Hides a password in a database URL before it is printed.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A server bound to its port and running.
+pub struct Running {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets requests in flight finish, and waits.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await??;
+        Ok(())
+    }
+
+    /// Serves until `signal` fires (then stops gracefully) or the server fails.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::select! {
+            result = &mut self.task => {
+                result??;
+                Ok(())
+            }
+            () = signal => {
+                tracing::info!("shutting down");
+                self.stop().await
+            }
+        }
+    }
+}
+
+/// Applies the apps to the store, binds `settings.server.listen` and serves.
+pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let store = open_store(&settings.database.url).await?;
+    start_with_store(settings, store, clock).await
+}
+
+pub async fn start_with_store(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
+    let definitions: Vec<_> = settings.apps.iter().map(|a| a.definition()).collect();
+    store
+        .put_apps(&definitions)
+        .await
+        .context("saving the configured apps")?;
+    let mut apps = AppRegistry::default();
+    for (app, definition) in settings.apps.iter().zip(definitions) {
+        apps.insert(
+            Arc::new(App::new(definition)),
+            &app.public_keys,
+            &app.secret_keys,
+        );
+    }
+    let ctx = Arc::new(Context {
+        services: Services {
+            store,
+            clock,
+            rates: Arc::new(Rates::with_overrides(&settings.currency_rates)),
+        },
+        apps,
+    });
+    let listener = TcpListener::bind(&settings.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = http::router(ctx);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+    });
+    Ok(Running {
+        addr,
+        shutdown: Some(tx),
+        task,
+    })
+}
