@@ -160,8 +160,8 @@ pub fn derive<'a>(
         .into_iter()
         .filter_map(|(level, group)| {
             let activated_at = group.iter().map(|c| c.start).min()?;
-            let best = group.into_iter().max_by_key(|c| c.rank(now))?;
-            Some(view(level, best, activated_at, now))
+            let (best, is_active) = follow_coverage(group, now)?;
+            Some(view(level, best, is_active, activated_at, now))
         })
         .collect()
 }
@@ -169,10 +169,10 @@ pub fn derive<'a>(
 fn view<'a>(
     level: &str,
     c: Candidate<'a>,
+    is_active: bool,
     activated_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> AccessLevelView<'a> {
-    let is_active = c.is_active(now);
     let mut v = AccessLevelView {
         access_level_id: level.to_string(),
         source: c.source,
@@ -212,6 +212,30 @@ fn view<'a>(
         }
     }
     v
+}
+
+/// The best source; while the level is active, the one that ends its unbroken coverage (a
+/// renewal or grant that starts before the current source ends extends the access).
+/// Returns it with whether the level is active.
+fn follow_coverage(
+    mut group: Vec<Candidate<'_>>,
+    now: DateTime<Utc>,
+) -> Option<(Candidate<'_>, bool)> {
+    let best_index = (0..group.len()).max_by_key(|&i| group[i].rank(now))?;
+    let mut best = group.swap_remove(best_index);
+    if !best.is_active(now) {
+        return Some((best, false));
+    }
+    while let Some(end) = best.end {
+        let next = (0..group.len())
+            .filter(|&i| group[i].start <= end && group[i].end.is_none_or(|e| e > end))
+            .max_by_key(|&i| group[i].end.map_or(i64::MAX, |e| e.timestamp_micros()));
+        match next {
+            Some(i) => best = group.swap_remove(i),
+            None => break,
+        }
+    }
+    Some((best, true))
 }
 
 /// Whether the profile has ever had a source for `level` (the precondition of a revoke).

@@ -382,12 +382,15 @@ impl Services {
                 })
                 .collect();
             changed.push(recorded);
-            next.transactions.retain(|t| {
-                !changed
-                    .iter()
-                    .any(|c| c.store == t.store && c.store_transaction_id == t.store_transaction_id)
-            });
-            next.transactions.extend(changed.iter().cloned());
+            // Replace in place, so the answer lists transactions as a later read will.
+            for t in &changed {
+                match next.transactions.iter_mut().find(|old| {
+                    old.store == t.store && old.store_transaction_id == t.store_transaction_id
+                }) {
+                    Some(old) => *old = t.clone(),
+                    None => next.transactions.push(t.clone()),
+                }
+            }
             Ok(Change::Save {
                 state: next,
                 transactions: changed,

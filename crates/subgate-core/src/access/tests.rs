@@ -210,3 +210,20 @@ fn future_grant_is_listed_but_inactive_and_unconfigured_products_grant_nothing()
         "pro"
     ));
 }
+
+#[test]
+fn back_to_back_sources_extend_the_expiry() {
+    let s = state(
+        vec![sub("t1", 1, 1, 10), sub("t2", 2, 10, 20)],
+        vec![grant(3, 19, Some(25))],
+        vec![],
+    );
+    assert_eq!(premium(&s, at(5)), Some((true, Some(at(25)))));
+    // A gap breaks the coverage.
+    let s = state(
+        vec![sub("t1", 1, 1, 10), sub("t2", 2, 12, 20)],
+        vec![],
+        vec![],
+    );
+    assert_eq!(premium(&s, at(5)), Some((true, Some(at(10)))));
+}

@@ -1,0 +1,163 @@
+use crate::common::*;
+use chrono::Duration;
+use serde_json::json;
+
+#[tokio::test]
+async fn grant_for_seven_days_then_it_lapses() {
+    let s = TestServer::start().await;
+    s.create("u").await;
+    let now = s.now();
+    let (status, p) = s
+        .post(
+            GRANT,
+            "u",
+            json!({"access_level_id": "premium", "expires_at": iso(now + Duration::days(7))}),
+        )
+        .await;
+    assert_eq!(status, 200, "{p}");
+    let premium = level(&p["data"], "premium").unwrap();
+    assert_eq!(premium["expires_at"], iso(now + Duration::days(7)));
+    assert_eq!(premium["starts_at"], iso(now));
+    assert!(is_active(&p["data"], "premium", now));
+    s.advance(Duration::days(7));
+    assert!(!is_active(&s.get("u").await, "premium", s.now()));
+}
+
+#[tokio::test]
+async fn grant_defaults_alias_and_future_starts() {
+    let s = TestServer::start().await;
+    s.create("u").await;
+    let now = s.now();
+    let (status, p) = s
+        .post(GRANT_ALIAS, "u", json!({"access_level_id": "pro"}))
+        .await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(
+        level(&p["data"], "pro").unwrap()["expires_at"],
+        json!(null),
+        "no dates: lifetime from now"
+    );
+
+    let start = now + Duration::days(3);
+    let (_, p) = s
+        .post(
+            GRANT,
+            "u",
+            json!({"access_level_id": "premium", "starts_at": iso(start)}),
+        )
+        .await;
+    assert!(
+        !is_active(&p["data"], "premium", now),
+        "not before starts_at"
+    );
+    s.advance(Duration::days(4));
+    assert!(is_active(&s.get("u").await, "premium", s.now()));
+
+    let (status, p) = s.post(GRANT, "u", json!({"access_level_id": "premium", "expires_at": iso(now - Duration::days(1)), "starts_at": iso(now - Duration::days(2))})).await;
+    assert_eq!(status, 200, "a grant in the past is allowed: {p}");
+}
+
+#[tokio::test]
+async fn grant_extends_and_never_shortens() {
+    let s = TestServer::start().await;
+    s.create("u").await;
+    let now = s.now();
+    s.transaction("u", subscription("t1", "t1", now)).await;
+    let (_, p) = s
+        .post(
+            GRANT,
+            "u",
+            json!({"access_level_id": "premium", "expires_at": iso(now + Duration::days(7))}),
+        )
+        .await;
+    assert_eq!(
+        level(&p["data"], "premium").unwrap()["expires_at"],
+        iso(now + Duration::days(30))
+    );
+    let (_, p) = s
+        .post(
+            GRANT,
+            "u",
+            json!({"access_level_id": "premium", "expires_at": iso(now + Duration::days(45))}),
+        )
+        .await;
+    assert_eq!(
+        level(&p["data"], "premium").unwrap()["expires_at"],
+        iso(now + Duration::days(45))
+    );
+}
+
+#[tokio::test]
+async fn revoke_now_later_and_its_limits() {
+    let s = TestServer::start().await;
+    s.create("u").await;
+    let now = s.now();
+    s.transaction("u", subscription("t1", "t1", now)).await;
+    s.post(
+        GRANT,
+        "u",
+        json!({"access_level_id": "premium", "expires_at": iso(now + Duration::days(40))}),
+    )
+    .await;
+
+    // Later than the current expiry: refused, nothing changes.
+    let (status, resp) = s
+        .post(
+            REVOKE,
+            "u",
+            json!({"access_level_id": "premium", "revoke_at": iso(now + Duration::days(41))}),
+        )
+        .await;
+    assert_error(
+        status,
+        &resp,
+        400,
+        "revocation_date_more_than_expiration_date",
+        "revoke_at",
+    );
+    assert!(resp["errors"][0]["errors"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("Revocation date ("));
+
+    // A future revoke caps every source at that date.
+    let cut = now + Duration::days(5);
+    let (status, p) = s
+        .post(
+            REVOKE,
+            "u",
+            json!({"access_level_id": "premium", "revoke_at": iso(cut)}),
+        )
+        .await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(
+        level(&p["data"], "premium").unwrap()["expires_at"],
+        iso(cut)
+    );
+    assert!(is_active(&p["data"], "premium", now));
+    s.advance(Duration::days(6));
+    assert!(!is_active(&s.get("u").await, "premium", s.now()));
+
+    // A grant after a revoke gives access again; revoking with no date ends it now.
+    let (_, p) = s
+        .post(GRANT, "u", json!({"access_level_id": "premium"}))
+        .await;
+    assert!(is_active(&p["data"], "premium", s.now()));
+    let (status, p) = s
+        .post(
+            REVOKE,
+            "u",
+            json!({"access_level_id": "premium", "revoke_at": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(
+        level(&p["data"], "premium").unwrap()["expires_at"],
+        iso(s.now())
+    );
+    assert!(!is_active(&p["data"], "premium", s.now()));
+    assert_eq!(
+        p["data"]["total_revenue_usd"], 9.99,
+        "revoking leaves revenue alone"
+    );
+}
