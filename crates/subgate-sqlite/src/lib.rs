@@ -182,6 +182,8 @@ impl Store for SqliteStore {
     }
 }
 
+// Replies live only for one batch; boxing the large variant would cost an allocation per write.
+#[allow(clippy::large_enum_variant)]
 enum Reply {
     Write(
         oneshot::Sender<Result<Outcome, WriteError>>,
