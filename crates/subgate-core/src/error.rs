@@ -37,7 +37,6 @@ error_codes! {
     NotFound => ("not_found", 404, "non_field_errors", "Not found."),
     MethodNotAllowed => ("method_not_allowed", 405, "non_field_errors", "Method not allowed."),
     PayloadTooLarge => ("payload_too_large", 413, "non_field_errors", "Request body is larger than 1 MiB."),
-    UnsupportedMediaType => ("unsupported_media_type", 415, "non_field_errors", "Unsupported media type; send application/json."),
     ValidationError => ("validation_error", 400, "non_field_errors", "Invalid input."),
     ProfileDoesNotExist => ("profile_does_not_exist", 400, "non_field_errors", "Profile not found"),
     PaidAccessLevelDoesNotExist => ("paid_access_level_does_not_exist", 400, "non_field_errors", "Paid access level does not exist"),

@@ -4,7 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use subgate_core::{ApiError, ErrorCode};
+use subgate_core::ApiError;
 
 /// An [`ApiError`] on its way out.
 #[derive(Debug)]
@@ -34,7 +34,3 @@ impl IntoResponse for ErrorResponse {
 }
 
 pub type ApiResult<T> = Result<T, ErrorResponse>;
-
-pub fn not_found() -> ErrorResponse {
-    ErrorResponse(ApiError::new(ErrorCode::NotFound))
-}

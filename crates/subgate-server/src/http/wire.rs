@@ -38,18 +38,17 @@ fn access_level(level: &AccessLevelView<'_>) -> Value {
         "cancellation_reason": level.cancellation_reason,
     });
     let source = match level.source {
-        Source::Transaction(t) => json!({
-            "store": t.store,
-            "store_product_id": t.store_product_id,
-            "store_base_plan_id": t.store_base_plan_id,
-            "store_transaction_id": t.store_transaction_id,
-            "store_original_transaction_id": t.store_original_transaction_id,
-            "offer": offer(&t.offer),
-            "environment": t.environment.as_str(),
-            "starts_at": Value::Null,
-            "purchased_at": date(Some(t.purchased_at)),
-            "originally_purchased_at": date(Some(t.originally_purchased_at.unwrap_or(t.purchased_at))),
-        }),
+        Source::Transaction(t) => {
+            let mut fields = purchase_fields(t);
+            merge(
+                &mut fields,
+                json!({
+                    "starts_at": Value::Null,
+                    "originally_purchased_at": date(Some(t.originally_purchased_at.unwrap_or(t.purchased_at))),
+                }),
+            );
+            fields
+        }
         Source::Grant(g) => json!({
             "store": GRANT_STORE,
             "store_product_id": GRANT_PRODUCT_ID,
@@ -65,6 +64,20 @@ fn access_level(level: &AccessLevelView<'_>) -> Value {
     };
     merge(&mut v, source);
     v
+}
+
+/// What identifies a purchase, shared by access levels and subscriptions.
+fn purchase_fields(t: &Transaction) -> Value {
+    json!({
+        "store": t.store,
+        "store_product_id": t.store_product_id,
+        "store_base_plan_id": t.store_base_plan_id,
+        "store_transaction_id": t.store_transaction_id,
+        "store_original_transaction_id": t.store_original_transaction_id,
+        "offer": offer(&t.offer),
+        "environment": t.environment.as_str(),
+        "purchased_at": date(Some(t.purchased_at)),
+    })
 }
 
 fn merge(into: &mut Value, from: Value) {
@@ -107,22 +120,19 @@ fn subscription(
     let is_in_grace_period = !t.is_refunded()
         && t.grace_period_expires_at.is_some_and(|g| now < g)
         && t.expires_at.is_some_and(|e| e <= now);
-    json!({
-        "store": t.store,
-        "store_product_id": t.store_product_id,
-        "store_base_plan_id": t.store_base_plan_id,
-        "store_transaction_id": t.store_transaction_id,
-        "store_original_transaction_id": t.store_original_transaction_id,
-        "offer": offer(&t.offer),
-        "environment": t.environment.as_str(),
-        "purchased_at": date(Some(t.purchased_at)),
+    let mut fields = purchase_fields(t);
+    merge(
+        &mut fields,
+        json!({
         "originally_purchased_at": date(Some(originally_purchased_at)),
         "expires_at": date(t.expires_at),
         "renewal_cancelled_at": date(renewal_cancelled_at),
         "billing_issue_detected_at": date(t.billing_issue_detected_at),
         "is_in_grace_period": is_in_grace_period,
         "cancellation_reason": t.cancellation_reason,
-    })
+        }),
+    );
+    fields
 }
 
 fn non_subscription(app: &App, t: &Transaction) -> Value {
