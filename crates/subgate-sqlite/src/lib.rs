@@ -112,7 +112,11 @@ impl SqliteStore {
                 None => open_connection(&path)?,
             };
             let result = f(&conn);
-            readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            let mut pool = readers.lock().unwrap_or_else(|e| e.into_inner());
+            // Connections opened for a burst are closed again rather than kept forever.
+            if pool.len() < READERS {
+                pool.push(conn);
+            }
             result
         })
         .await
