@@ -193,20 +193,14 @@ fn view<'a>(
         let renews = t.renew_status.unwrap_or(true);
         v.is_refund = t.is_refunded();
         v.billing_issue_detected_at = t.billing_issue_detected_at;
-        v.is_in_grace_period = is_subscription
-            && !v.is_refund
-            && t.billing_issue_detected_at.is_some()
-            && t.grace_period_expires_at.is_some_and(|g| now < g)
-            && t.expires_at.is_some_and(|e| e <= now);
+        v.is_in_grace_period = t.is_in_grace_period(now);
         v.will_renew = is_subscription
             && renews
             && is_active
             && !v.is_refund
             && !c.revoked
             && v.expires_at.is_some();
-        if is_subscription && !renews {
-            v.renewal_cancelled_at = Some(t.renew_status_changed_at.unwrap_or(t.updated_at));
-        }
+        v.renewal_cancelled_at = t.renewal_cancelled_at();
         if t.cancellation_reason.is_some() {
             v.cancellation_reason = t.cancellation_reason.clone();
         }

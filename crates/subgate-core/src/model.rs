@@ -249,6 +249,21 @@ impl Transaction {
         self.refunded_at.is_some()
     }
 
+    /// Past its expiry but inside the grace period the store granted after a billing issue.
+    pub fn is_in_grace_period(&self, now: DateTime<Utc>) -> bool {
+        self.purchase_type == PurchaseType::Subscription
+            && !self.is_refunded()
+            && self.billing_issue_detected_at.is_some()
+            && self.grace_period_expires_at.is_some_and(|g| now < g)
+            && self.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// When auto-renewal was turned off, if it is off (the write time when the store gave none).
+    pub fn renewal_cancelled_at(&self) -> Option<DateTime<Utc>> {
+        (self.purchase_type == PurchaseType::Subscription && self.renew_status == Some(false))
+            .then(|| self.renew_status_changed_at.unwrap_or(self.updated_at))
+    }
+
     pub fn same_chain(&self, store: &str, original_id: &str) -> bool {
         self.store == store && self.store_original_transaction_id == original_id
     }

@@ -35,11 +35,26 @@ impl Identity {
         }
     }
 
-    fn lookup(&self) -> Lookup {
+    /// A create loads by both names: the profile, and whoever holds the customer user id.
+    fn upsert_lookup(&self) -> Lookup {
         Lookup {
             profile_id: self.profile_id,
             customer_user_id: self.customer_user_id.clone(),
             chain: None,
+        }
+    }
+
+    /// Writes that must find an existing profile look it up the way a read does.
+    fn existing_lookup(&self) -> Lookup {
+        match self.key() {
+            ProfileKey::Id(id) => Lookup {
+                profile_id: Some(id),
+                ..Lookup::default()
+            },
+            ProfileKey::CustomerUserId(cuid) => Lookup {
+                customer_user_id: Some(cuid),
+                ..Lookup::default()
+            },
         }
     }
 }
@@ -258,7 +273,7 @@ impl Services {
                 transactions: Vec::new(),
             })
         });
-        self.write(app, who.lookup(), decide, Missing::NotFound)
+        self.write(app, who.upsert_lookup(), decide, Missing::NotFound)
             .await
     }
 
@@ -278,7 +293,7 @@ impl Services {
                 transactions: Vec::new(),
             })
         });
-        self.write(app, self.read_lookup(who), decide, Missing::NotFound)
+        self.write(app, who.existing_lookup(), decide, Missing::NotFound)
             .await
     }
 
@@ -291,25 +306,11 @@ impl Services {
         });
         match self
             .store
-            .write(app.id(), self.read_lookup(who), decide)
+            .write(app.id(), who.existing_lookup(), decide)
             .await?
         {
             Outcome::Deleted => Ok(()),
             _ => Err(Missing::NotFound.error()),
-        }
-    }
-
-    /// Writes that must find an existing profile look it up the way a read does.
-    fn read_lookup(&self, who: &Identity) -> Lookup {
-        match who.key() {
-            ProfileKey::Id(id) => Lookup {
-                profile_id: Some(id),
-                ..Lookup::default()
-            },
-            ProfileKey::CustomerUserId(cuid) => Lookup {
-                customer_user_id: Some(cuid),
-                ..Lookup::default()
-            },
         }
     }
 
@@ -329,7 +330,7 @@ impl Services {
         };
         let lookup = Lookup {
             chain: Some(chain.clone()),
-            ..self.read_lookup(who)
+            ..who.existing_lookup()
         };
         let decide: Decide = Box::new(move |loaded: &Loaded| {
             let mut next = next_version(existing(loaded, Missing::ProfileDoesNotExist)?, now);
@@ -435,7 +436,7 @@ impl Services {
         });
         self.write(
             app,
-            self.read_lookup(who),
+            who.existing_lookup(),
             decide,
             Missing::ProfileDoesNotExist,
         )
@@ -496,7 +497,7 @@ impl Services {
         });
         self.write(
             app,
-            self.read_lookup(who),
+            who.existing_lookup(),
             decide,
             Missing::ProfileDoesNotExist,
         )

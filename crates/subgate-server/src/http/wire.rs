@@ -115,20 +115,15 @@ fn subscription(
     originally_purchased_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Value {
-    let renewal_cancelled_at =
-        (t.renew_status == Some(false)).then(|| t.renew_status_changed_at.unwrap_or(t.updated_at));
-    let is_in_grace_period = !t.is_refunded()
-        && t.grace_period_expires_at.is_some_and(|g| now < g)
-        && t.expires_at.is_some_and(|e| e <= now);
     let mut fields = purchase_fields(t);
     merge(
         &mut fields,
         json!({
         "originally_purchased_at": date(Some(originally_purchased_at)),
         "expires_at": date(t.expires_at),
-        "renewal_cancelled_at": date(renewal_cancelled_at),
+        "renewal_cancelled_at": date(t.renewal_cancelled_at()),
         "billing_issue_detected_at": date(t.billing_issue_detected_at),
-        "is_in_grace_period": is_in_grace_period,
+        "is_in_grace_period": t.is_in_grace_period(now),
         "cancellation_reason": t.cancellation_reason,
         }),
     );
