@@ -81,6 +81,21 @@ pub enum WriteError {
     Store(#[from] StoreError),
 }
 
+/// How much a store holds, for `copy-store`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub apps: u64,
+    pub profiles: u64,
+    pub transactions: u64,
+}
+
+/// A transaction no profile holds any more (its profile was deleted), with its app.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetachedTransaction {
+    pub app_id: Uuid,
+    pub transaction: Transaction,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Upserts the configured apps (config as code) at start.
@@ -102,4 +117,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap liveness check of the database, for `/ready`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // Bulk access for `copy-store`: every row, in pages of a stable order.
+
+    async fn counts(&self) -> Result<Counts, StoreError>;
+
+    async fn apps(&self) -> Result<Vec<AppDefinition>, StoreError>;
+
+    /// Profiles (with their transactions) ordered by (app id, profile id), after `after`.
+    async fn profiles_after(
+        &self,
+        after: Option<(Uuid, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<ProfileState>, StoreError>;
+
+    /// Detached transactions ordered by id, after `after`.
+    async fn detached_after(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DetachedTransaction>, StoreError>;
+
+    /// Writes the rows exactly as given (ids, versions, timestamps and order kept) in one
+    /// transaction, replacing rows with the same keys.
+    async fn import(
+        &self,
+        profiles: Vec<ProfileState>,
+        detached: Vec<DetachedTransaction>,
+    ) -> Result<(), StoreError>;
 }

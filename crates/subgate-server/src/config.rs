@@ -40,6 +40,14 @@ pub struct ServerSettings {
 pub struct DatabaseSettings {
     #[serde(default = "default_database_url")]
     pub url: String,
+    /// Connections this node keeps to PostgreSQL at most (SQLite has one writer and a few
+    /// readers whatever this says).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    16
 }
 
 fn default_listen() -> String {
@@ -62,6 +70,7 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: default_database_url(),
+            max_connections: default_max_connections(),
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Subgate's server: configuration, the store chosen from the database URL, and HTTP.
 
 pub mod config;
+pub mod copy;
 pub mod http;
 
 use anyhow::{bail, Context as _};
-use config::Settings;
+use config::{DatabaseSettings, Settings};
 use http::{AppRegistry, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,14 +14,16 @@ use subgate_core::model::App;
 use subgate_core::service::Services;
 use subgate_core::store::Store;
 use subgate_core::Clock;
+use subgate_postgres::{PgOptions, PgStore};
 use subgate_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// Opens the store the URL's scheme names. A URL we cannot serve is an error, never a silent
-/// fallback to a new SQLite file.
-pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store the URL's scheme names, applying its migrations. A URL we cannot serve is an
+/// error, never a silent fallback to a new SQLite file.
+pub async fn open_store(database: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+    let url = database.url.as_str();
     if url.starts_with("sqlite:") {
         let path = subgate_sqlite::path_from_url(url).with_context(|| {
             format!("database.url `{url}` names no file; use sqlite://path/to/file.db")
@@ -30,14 +33,17 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
             .context("opening the SQLite database")??;
         return Ok(Arc::new(store));
     }
-    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        bail!(
-            "database.url `{}`: PostgreSQL is not supported by this build yet",
-            redact(url)
-        );
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let options = PgOptions {
+            max_connections: database.max_connections,
+        };
+        let store = PgStore::connect(url, &options)
+            .await
+            .with_context(|| format!("cannot use PostgreSQL at `{}`", redact(url)))?;
+        return Ok(Arc::new(store));
     }
     bail!(
-        "database.url `{}` is not supported: use sqlite://path/to/file.db",
+        "database.url `{}` is not supported: use sqlite://path/to/file.db or postgres://user@host/database",
         redact(url)
     )
 }
@@ -93,7 +99,7 @@ impl Running {
 
 /// Applies the apps to the store, binds `settings.server.listen` and serves.
 pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
-    let store = open_store(&settings.database.url).await?;
+    let store = open_store(&settings.database).await?;
     start_with_store(settings, store, clock).await
 }
 

@@ -3,7 +3,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use subgate_core::SystemClock;
-use subgate_server::config::{self, Overrides, Settings};
+use subgate_server::config::{self, DatabaseSettings, Overrides, Settings};
 
 /// Subgate: a self-hosted subscription and entitlement backend, compatible with Adapty's
 /// server-side API.
@@ -39,6 +39,21 @@ enum Command {
     Migrate {
         #[command(flatten)]
         common: Common,
+    },
+    /// Copy every app, profile and transaction from one database to another, e.g. from the
+    /// SQLite file to PostgreSQL when moving to several nodes. Stop the nodes writing to the
+    /// source first.
+    CopyStore {
+        /// Database to read, e.g. sqlite://subgate-data/subgate.db (must exist).
+        #[arg(long)]
+        from: String,
+        /// Database to write, e.g. postgres://subgate@db.internal/subgate (migrated first).
+        #[arg(long)]
+        to: String,
+        /// Copy even if the target already holds profiles or transactions, replacing rows with
+        /// the same keys.
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -120,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate { common } => {
             let (settings, _) = load(&common, None)?;
-            subgate_server::open_store(&settings.database.url)
+            subgate_server::open_store(&settings.database)
                 .await
                 .context("migrating")?;
             println!(
@@ -129,5 +144,43 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::CopyStore {
+            from,
+            to,
+            overwrite,
+        } => copy_store(&from, &to, overwrite).await,
     }
+}
+
+async fn copy_store(from: &str, to: &str, overwrite: bool) -> anyhow::Result<()> {
+    use subgate_server::redact;
+    if let Some(path) = subgate_sqlite::path_from_url(from) {
+        // Opening a missing source would create an empty one and copy nothing.
+        anyhow::ensure!(
+            path.exists(),
+            "the source {} does not exist",
+            path.display()
+        );
+    }
+    let database = |url: &str| DatabaseSettings {
+        url: url.to_string(),
+        ..DatabaseSettings::default()
+    };
+    let source = subgate_server::open_store(&database(from))
+        .await
+        .context("opening the source")?;
+    let target = subgate_server::open_store(&database(to))
+        .await
+        .context("opening the target")?;
+    let report = subgate_server::copy::copy_store(&*source, &*target, overwrite).await?;
+    println!(
+        "Copied {} apps, {} profiles, {} transactions and {} detached transactions from {} to {}.",
+        report.apps,
+        report.profiles,
+        report.transactions,
+        report.detached_transactions,
+        redact(from),
+        redact(to)
+    );
+    Ok(())
 }

@@ -15,7 +15,9 @@ use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
-use subgate_core::store::{Decide, Lookup, Outcome, Store, StoreError, WriteError};
+use subgate_core::store::{
+    Counts, Decide, DetachedTransaction, Lookup, Outcome, Store, StoreError, WriteError,
+};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -32,6 +34,11 @@ enum Job {
     },
     PutApps {
         apps: Vec<AppDefinition>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    Import {
+        profiles: Vec<ProfileState>,
+        detached: Vec<DetachedTransaction>,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
 }
@@ -145,10 +152,7 @@ impl Store for SqliteStore {
             apps: apps.to_vec(),
             reply,
         };
-        self.submit(job, rx).await.map_err(|e| match e {
-            WriteError::Store(s) => s,
-            WriteError::Rejected(api) => StoreError::Internal(api.to_string()),
-        })
+        self.submit(job, rx).await.map_err(store_error)
     }
 
     async fn load_profile(
@@ -184,6 +188,54 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        self.read(rows::counts).await
+    }
+
+    async fn apps(&self) -> Result<Vec<AppDefinition>, StoreError> {
+        self.read(rows::apps).await
+    }
+
+    async fn profiles_after(
+        &self,
+        after: Option<(Uuid, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<ProfileState>, StoreError> {
+        self.read(move |conn| rows::profiles_after(conn, after, limit))
+            .await
+    }
+
+    async fn detached_after(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DetachedTransaction>, StoreError> {
+        self.read(move |conn| rows::detached_after(conn, after, limit))
+            .await
+    }
+
+    async fn import(
+        &self,
+        profiles: Vec<ProfileState>,
+        detached: Vec<DetachedTransaction>,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Import {
+            profiles,
+            detached,
+            reply,
+        };
+        self.submit(job, rx).await.map_err(store_error)
+    }
+}
+
+/// Jobs that carry no `decide` cannot be rejected; any failure is the store's.
+fn store_error(e: WriteError) -> StoreError {
+    match e {
+        WriteError::Store(s) => s,
+        WriteError::Rejected(api) => StoreError::Internal(api.to_string()),
+    }
 }
 
 // Replies live only for one batch; boxing the large variant would cost an allocation per write.
@@ -193,7 +245,7 @@ enum Reply {
         oneshot::Sender<Result<Outcome, WriteError>>,
         Result<Outcome, WriteError>,
     ),
-    Apps(
+    Unit(
         oneshot::Sender<Result<(), WriteError>>,
         Result<(), WriteError>,
     ),
@@ -204,7 +256,7 @@ impl Reply {
     fn of(job: Job) -> Self {
         match job {
             Job::Write { reply, .. } => Reply::Write(reply, Ok(Outcome::Deleted)),
-            Job::PutApps { reply, .. } => Reply::Apps(reply, Ok(())),
+            Job::PutApps { reply, .. } | Job::Import { reply, .. } => Reply::Unit(reply, Ok(())),
         }
     }
 
@@ -213,7 +265,7 @@ impl Reply {
         let err = || WriteError::Store(StoreError::Unavailable(error.to_string()));
         match self {
             Reply::Write(tx, Ok(_)) => Reply::Write(tx, Err(err())),
-            Reply::Apps(tx, Ok(())) => Reply::Apps(tx, Err(err())),
+            Reply::Unit(tx, Ok(())) => Reply::Unit(tx, Err(err())),
             other => other,
         }
     }
@@ -222,7 +274,7 @@ impl Reply {
         // A caller that went away (client disconnected) no longer needs the answer.
         match self {
             Reply::Write(tx, r) => drop(tx.send(r)),
-            Reply::Apps(tx, r) => drop(tx.send(r)),
+            Reply::Unit(tx, r) => drop(tx.send(r)),
         }
     }
 }
@@ -270,7 +322,17 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Reply> {
                 let result = in_savepoint(&mut tx, |sp| {
                     rows::put_apps(sp, &apps).map_err(WriteError::from)
                 });
-                replies.push(Reply::Apps(reply, result));
+                replies.push(Reply::Unit(reply, result));
+            }
+            Job::Import {
+                profiles,
+                detached,
+                reply,
+            } => {
+                let result = in_savepoint(&mut tx, |sp| {
+                    rows::import(sp, &profiles, &detached).map_err(WriteError::from)
+                });
+                replies.push(Reply::Unit(reply, result));
             }
         }
     }

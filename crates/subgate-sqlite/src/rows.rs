@@ -4,7 +4,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use subgate_core::model::{
     AppDefinition, Profile, ProfileDoc, ProfileKey, ProfileState, Transaction,
 };
-use subgate_core::store::{Change, Decide, Loaded, Lookup, Outcome, StoreError, WriteError};
+use subgate_core::store::{
+    Change, Counts, Decide, DetachedTransaction, Loaded, Lookup, Outcome, StoreError, WriteError,
+};
 use subgate_core::time::{from_micros, to_micros};
 use uuid::Uuid;
 
@@ -298,6 +300,139 @@ pub fn put_apps(conn: &Connection, apps: &[AppDefinition]) -> Result<(), StoreEr
         )
         .and_then(|mut s| s.execute(params![app.id.to_string(), app.name, definition, now]))
         .map_err(storage)?;
+    }
+    Ok(())
+}
+
+pub fn counts(conn: &Connection) -> Result<Counts, StoreError> {
+    conn.query_row(
+        "SELECT (SELECT count(*) FROM apps), (SELECT count(*) FROM profiles),
+                (SELECT count(*) FROM transactions)",
+        [],
+        |r| {
+            let count = |i| r.get::<_, i64>(i).map(|n| n.max(0) as u64);
+            Ok(Counts {
+                apps: count(0)?,
+                profiles: count(1)?,
+                transactions: count(2)?,
+            })
+        },
+    )
+    .map_err(storage)
+}
+
+pub fn apps(conn: &Connection) -> Result<Vec<AppDefinition>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT definition FROM apps ORDER BY id")
+        .map_err(storage)?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(storage)?;
+    rows.map(|row| {
+        let text = row.map_err(storage)?;
+        serde_json::from_str(&text).map_err(|e| corrupt("app", e))
+    })
+    .collect()
+}
+
+pub fn profiles_after(
+    conn: &Connection,
+    after: Option<(Uuid, Uuid)>,
+    limit: u32,
+) -> Result<Vec<ProfileState>, StoreError> {
+    let (app, id) = after.map(|(a, i)| (a.to_string(), i.to_string())).unzip();
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT app_id, {PROFILE_COLUMNS} FROM profiles
+             WHERE ?1 IS NULL OR (app_id, id) > (?1, ?2)
+             ORDER BY app_id, id LIMIT ?3"
+        ))
+        .map_err(storage)?;
+    let rows = stmt
+        .query_map(params![app, id, limit], |r| {
+            let app_id: String = r.get(0)?;
+            let row = ProfileRow {
+                id: r.get(1)?,
+                customer_user_id: r.get(2)?,
+                version: r.get(3)?,
+                created_at: r.get(4)?,
+                updated_at: r.get(5)?,
+                doc: r.get(6)?,
+            };
+            Ok((app_id, row))
+        })
+        .map_err(storage)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(storage)?;
+    rows.into_iter()
+        .map(|(app_id, row)| {
+            let app_id = Uuid::parse_str(&app_id).map_err(|e| corrupt("app id", e))?;
+            hydrate(conn, app_id, row)
+        })
+        .collect()
+}
+
+pub fn detached_after(
+    conn: &Connection,
+    after: Option<Uuid>,
+    limit: u32,
+) -> Result<Vec<DetachedTransaction>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT app_id, data FROM transactions
+             WHERE profile_id IS NULL AND (?1 IS NULL OR id > ?1)
+             ORDER BY id LIMIT ?2",
+        )
+        .map_err(storage)?;
+    let rows = stmt
+        .query_map(params![after.map(|id| id.to_string()), limit], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(storage)?;
+    rows.map(|row| {
+        let (app_id, data) = row.map_err(storage)?;
+        Ok(DetachedTransaction {
+            app_id: Uuid::parse_str(&app_id).map_err(|e| corrupt("app id", e))?,
+            transaction: parse_transaction(None, &data)?,
+        })
+    })
+    .collect()
+}
+
+pub fn import(
+    conn: &Connection,
+    profiles: &[ProfileState],
+    detached: &[DetachedTransaction],
+) -> Result<(), StoreError> {
+    for state in profiles {
+        let p = &state.profile;
+        let doc = serde_json::to_string(&p.doc).map_err(|e| StoreError::Internal(e.to_string()))?;
+        conn.prepare_cached(
+            "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (app_id, id) DO UPDATE SET
+                 customer_user_id = excluded.customer_user_id, version = excluded.version,
+                 created_at = excluded.created_at, updated_at = excluded.updated_at,
+                 doc = excluded.doc",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                p.app_id.to_string(),
+                p.id.to_string(),
+                p.customer_user_id,
+                p.version,
+                to_micros(&p.created_at),
+                to_micros(&p.updated_at),
+                doc
+            ])
+        })
+        .map_err(storage)?;
+        for t in &state.transactions {
+            save_transaction(conn, p.app_id, t)?;
+        }
+    }
+    for d in detached {
+        save_transaction(conn, d.app_id, &d.transaction)?;
     }
     Ok(())
 }

@@ -1,0 +1,326 @@
+//! Subgate's [`Store`] on PostgreSQL, for one node or several sharing one database.
+//!
+//! Nothing about concurrency lives in process memory. A write runs in one READ COMMITTED
+//! transaction: it locks the profile row (`SELECT ... FOR UPDATE`) and the transaction rows it
+//! may touch, reads the rest with fresh statements (so it sees whatever the previous lock holder
+//! committed), runs the pure `decide`, and persists. What cannot be locked because it does not
+//! exist yet (a new profile, a new customer user id, a new store transaction) is guarded by the
+//! unique indexes instead: the losing writer gets a unique violation, rolls back and runs again,
+//! and this time sees the winner's row. Serialization failures and deadlocks are retried the
+//! same way; `decide` is pure, so re-running it is safe.
+
+mod rows;
+mod schema;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use std::future::Future;
+use std::time::Duration;
+use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
+use subgate_core::store::{
+    Counts, Decide, DetachedTransaction, Lookup, Outcome, Store, StoreError, WriteError,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+/// How long one database operation may take before the node answers 503 instead of hanging.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request waits for a pooled connection (or a new one) before answering 503.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Conflicts are rare (two writers racing to create the same row); a few reruns settle them.
+const MAX_ATTEMPTS: u32 = 10;
+
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    pub max_connections: usize,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+        }
+    }
+}
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+/// Why one attempt at a write did not finish.
+pub(crate) enum Failure {
+    /// Lost a race to another writer: roll back and run again.
+    Conflict(String),
+    Rejected(subgate_core::error::ApiError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let conflict = e.code().is_some_and(|code| {
+            *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::UNIQUE_VIOLATION
+        });
+        if conflict {
+            Failure::Conflict(e.to_string())
+        } else {
+            Failure::Store(classify(e))
+        }
+    }
+}
+
+impl From<PoolError> for Failure {
+    fn from(e: PoolError) -> Self {
+        Failure::Store(pool_error(e))
+    }
+}
+
+/// Errors of the connection itself (refused, reset, closed, server shutting down or out of
+/// resources) are 503s; errors of a statement are 500s.
+pub(crate) fn classify(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            let transient = code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == SqlState::READ_ONLY_SQL_TRANSACTION.code();
+            if transient {
+                StoreError::Unavailable(e.to_string())
+            } else {
+                StoreError::Internal(describe(&e))
+            }
+        }
+        None => {
+            let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+            if e.is_closed() || io {
+                StoreError::Unavailable(describe(&e))
+            } else {
+                // Encoding a parameter or decoding a column: a bug, not an outage.
+                StoreError::Internal(describe(&e))
+            }
+        }
+    }
+}
+
+/// tokio-postgres' Display omits the server's message; the source has it.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => classify(e),
+        other => StoreError::Unavailable(format!("no database connection: {other}")),
+    }
+}
+
+async fn bounded<T>(
+    what: &str,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(OPERATION_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "the database did not answer {what} within {}s",
+                OPERATION_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+impl PgStore {
+    /// Connects, checks the database answers, and applies the migrations. Fails (rather than
+    /// waiting forever) when the URL is wrong or the database cannot be reached.
+    pub async fn connect(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
+        let store = Self::open(url, options)?;
+        let mut client = store.pool.get().await.map_err(pool_error)?;
+        bounded("the migrations", schema::migrate(&mut client)).await?;
+        Ok(store)
+    }
+
+    /// Builds the pool without connecting.
+    pub fn open(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Internal(format!("not a PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECTION_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("subgate");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .wait_timeout(Some(CONNECTION_TIMEOUT))
+            .create_timeout(Some(CONNECTION_TIMEOUT))
+            .recycle_timeout(Some(CONNECTION_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn write_once(
+        &self,
+        app_id: Uuid,
+        lookup: &Lookup,
+        decide: &Decide,
+    ) -> Result<Outcome, Failure> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let outcome = rows::write(&tx, app_id, lookup, decide).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn put_apps(&self, apps: &[AppDefinition]) -> Result<(), StoreError> {
+        bounded("the app upsert", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(classify)?;
+            rows::put_apps(&tx, apps).await?;
+            tx.commit().await.map_err(classify)
+        })
+        .await
+    }
+
+    async fn load_profile(
+        &self,
+        app_id: Uuid,
+        key: &ProfileKey,
+    ) -> Result<Option<ProfileState>, StoreError> {
+        bounded("a profile read", async {
+            let client = self.client().await?;
+            rows::load_profile(&client, app_id, key).await
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        app_id: Uuid,
+        lookup: Lookup,
+        decide: Decide,
+    ) -> Result<Outcome, WriteError> {
+        let mut attempt = 1;
+        loop {
+            let result =
+                tokio::time::timeout(OPERATION_TIMEOUT, self.write_once(app_id, &lookup, &decide))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Failure::Store(StoreError::Unavailable(format!(
+                            "the database did not finish a write within {}s",
+                            OPERATION_TIMEOUT.as_secs()
+                        ))))
+                    });
+            match result {
+                Ok(outcome) => return Ok(outcome),
+                Err(Failure::Rejected(e)) => return Err(WriteError::Rejected(e)),
+                Err(Failure::Store(e)) => return Err(WriteError::Store(e)),
+                Err(Failure::Conflict(reason)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt, %reason, "write lost a race; running it again");
+                    // A little jitter keeps two losers from colliding again in lockstep.
+                    let pause = 1 + u64::from(Uuid::new_v4().as_bytes()[0] % 8) * attempt as u64;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    attempt += 1;
+                }
+                Err(Failure::Conflict(reason)) => {
+                    return Err(WriteError::Store(StoreError::Unavailable(format!(
+                        "the write kept conflicting with others ({MAX_ATTEMPTS} attempts): {reason}"
+                    ))))
+                }
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        bounded("a ping", async {
+            let client = self.client().await?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(drop)
+                .map_err(classify)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        bounded("a count", async {
+            let client = self.client().await?;
+            rows::counts(&client).await
+        })
+        .await
+    }
+
+    async fn apps(&self) -> Result<Vec<AppDefinition>, StoreError> {
+        bounded("an app list", async {
+            let client = self.client().await?;
+            rows::apps(&client).await
+        })
+        .await
+    }
+
+    async fn profiles_after(
+        &self,
+        after: Option<(Uuid, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<ProfileState>, StoreError> {
+        bounded("a profile page", async {
+            let client = self.client().await?;
+            rows::profiles_after(&client, after, limit).await
+        })
+        .await
+    }
+
+    async fn detached_after(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<DetachedTransaction>, StoreError> {
+        bounded("a transaction page", async {
+            let client = self.client().await?;
+            rows::detached_after(&client, after, limit).await
+        })
+        .await
+    }
+
+    async fn import(
+        &self,
+        profiles: Vec<ProfileState>,
+        detached: Vec<DetachedTransaction>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        rows::import(&tx, &profiles, &detached).await?;
+        tx.commit().await.map_err(classify)
+    }
+}
