@@ -9,7 +9,7 @@ const MIGRATIONS: &[(i32, &str, &str)] =
     &[(1, "0001_init", include_str!("../migrations/0001_init.sql"))];
 
 /// Any fixed number works; it only has to be the same on every node ("subgate" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7375_6267_6174_65;
+const MIGRATION_LOCK: i64 = 0x0073_7562_6761_7465;
 
 pub async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
     let failed = |e: tokio_postgres::Error| match classify(e) {
