@@ -2,9 +2,8 @@ use crate::common::*;
 use chrono::Duration;
 use serde_json::json;
 
-#[tokio::test]
-async fn grant_for_seven_days_then_it_lapses() {
-    let s = TestServer::start().await;
+async fn grant_for_seven_days_then_it_lapses(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     let (status, p) = s
@@ -23,9 +22,8 @@ async fn grant_for_seven_days_then_it_lapses() {
     assert!(!is_active(&s.get("u").await, "premium", s.now()));
 }
 
-#[tokio::test]
-async fn grant_defaults_alias_and_future_starts() {
-    let s = TestServer::start().await;
+async fn grant_defaults_alias_and_future_starts(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     let (status, p) = s
@@ -57,9 +55,8 @@ async fn grant_defaults_alias_and_future_starts() {
     assert_eq!(status, 200, "a grant in the past is allowed: {p}");
 }
 
-#[tokio::test]
-async fn grant_extends_and_never_shortens() {
-    let s = TestServer::start().await;
+async fn grant_extends_and_never_shortens(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     s.transaction("u", subscription("t1", "t1", now)).await;
@@ -87,9 +84,8 @@ async fn grant_extends_and_never_shortens() {
     );
 }
 
-#[tokio::test]
-async fn revoke_now_later_and_its_limits() {
-    let s = TestServer::start().await;
+async fn revoke_now_later_and_its_limits(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     s.transaction("u", subscription("t1", "t1", now)).await;
@@ -161,3 +157,10 @@ async fn revoke_now_later_and_its_limits() {
         "revoking leaves revenue alone"
     );
 }
+
+on_every_backend!(
+    grant_for_seven_days_then_it_lapses,
+    grant_defaults_alias_and_future_starts,
+    grant_extends_and_never_shortens,
+    revoke_now_later_and_its_limits,
+);

@@ -60,29 +60,117 @@ pub fn start_of_test_time() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).unwrap()
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server the suite uses; these machines and CI run one with trust auth.
+pub fn postgres_base_url() -> String {
+    std::env::var("SUBGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A fresh, empty database for one test: a SQLite file in a temporary directory, or a new
+/// PostgreSQL schema (dropped when the test ends). A missing PostgreSQL fails the test.
+pub struct TestDb {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    schema: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Sqlite => Self {
+                url: format!("sqlite://{}", dir.path().join("test.db").display()),
+                dir,
+                schema: None,
+            },
+            Backend::Postgres => {
+                let schema = format!("subgate_test_{}", uuid::Uuid::new_v4().simple());
+                let base = postgres_base_url();
+                let client = pg_connect(&base).await;
+                client
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .unwrap();
+                let separator = if base.contains('?') { '&' } else { '?' };
+                Self {
+                    url: format!("{base}{separator}options=-csearch_path%3D{schema}"),
+                    dir,
+                    schema: Some(schema),
+                }
+            }
+        }
+    }
+}
+
+pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the PostgreSQL tests need a server at {url} (set SUBGATE_TEST_POSTGRES to \
+                 another one): {e}"
+            )
+        });
+    tokio::spawn(connection);
+    client
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(schema) = self.schema.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot be blocked on: clean up from a
+        // thread with its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let client = pg_connect(&postgres_base_url()).await;
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 pub struct TestServer {
     pub base: String,
     pub clock: Arc<ManualClock>,
     pub client: reqwest::Client,
-    // Held so the server and its database live as long as the test.
+    pub db: TestDb,
+    // Held so the server lives as long as the test.
     _running: Running,
-    _dir: tempfile::TempDir,
 }
 
-pub fn test_settings(dir: &std::path::Path) -> Settings {
+/// The test config, on `database_url`, listening on a free port.
+pub fn test_settings(dir: &std::path::Path, database_url: &str) -> Settings {
     let path = dir.join("subgate.toml");
     std::fs::write(&path, CONFIG).unwrap();
     let overrides = subgate_server::config::Overrides {
         listen: Some("127.0.0.1:0".into()),
-        database_url: Some(format!("sqlite://{}", dir.join("test.db").display())),
+        database_url: Some(database_url.to_string()),
     };
     Settings::load(Some(&path), &overrides).unwrap()
 }
 
 impl TestServer {
-    pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let settings = test_settings(dir.path());
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_on(TestDb::new(backend).await).await
+    }
+
+    pub async fn start_on(db: TestDb) -> Self {
+        let settings = test_settings(db.dir.path(), &db.url);
         let clock = Arc::new(ManualClock::new(start_of_test_time()));
         let running = subgate_server::start(&settings, clock.clone())
             .await
@@ -91,8 +179,8 @@ impl TestServer {
             base: format!("http://{}", running.addr),
             clock,
             client: reqwest::Client::new(),
+            db,
             _running: running,
-            _dir: dir,
         }
     }
 

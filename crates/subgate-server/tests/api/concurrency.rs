@@ -4,9 +4,8 @@ use reqwest::Method;
 use serde_json::json;
 use std::sync::Arc;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_parallel_distinct_transactions_all_land_with_the_exact_revenue() {
-    let s = Arc::new(TestServer::start().await);
+async fn fifty_parallel_distinct_transactions_all_land_with_the_exact_revenue(backend: Backend) {
+    let s = Arc::new(TestServer::start(backend).await);
     s.create("u").await;
     let now = s.now();
     let requests = (0..50).map(|i| {
@@ -27,9 +26,8 @@ async fn fifty_parallel_distinct_transactions_all_land_with_the_exact_revenue() 
     assert_eq!(p["total_revenue_usd"], 499.5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_same_transaction_fifty_times_in_parallel_is_recorded_once() {
-    let s = Arc::new(TestServer::start().await);
+async fn the_same_transaction_fifty_times_in_parallel_is_recorded_once(backend: Backend) {
+    let s = Arc::new(TestServer::start(backend).await);
     s.create("u").await;
     let now = s.now();
     let requests = (0..50).map(|_| {
@@ -46,9 +44,8 @@ async fn the_same_transaction_fifty_times_in_parallel_is_recorded_once() {
     assert_eq!(p["total_revenue_usd"], 9.99);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn parallel_attribute_writes_all_land_and_never_pass_the_limit() {
-    let s = Arc::new(TestServer::start().await);
+async fn parallel_attribute_writes_all_land_and_never_pass_the_limit(backend: Backend) {
+    let s = Arc::new(TestServer::start(backend).await);
     s.create("u").await;
     let requests = (0..40).map(|i| {
         let s = Arc::clone(&s);
@@ -75,9 +72,8 @@ async fn parallel_attribute_writes_all_land_and_never_pass_the_limit() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn parallel_creates_of_one_user_make_one_profile() {
-    let s = Arc::new(TestServer::start().await);
+async fn parallel_creates_of_one_user_make_one_profile(backend: Backend) {
+    let s = Arc::new(TestServer::start(backend).await);
     let requests = (0..20).map(|_| {
         let s = Arc::clone(&s);
         async move { s.profile(Method::POST, "racer", Some(json!({}))).await }
@@ -92,3 +88,10 @@ async fn parallel_creates_of_one_user_make_one_profile() {
         .collect();
     assert_eq!(ids.len(), 1);
 }
+
+on_every_backend!(
+    fifty_parallel_distinct_transactions_all_land_with_the_exact_revenue,
+    the_same_transaction_fifty_times_in_parallel_is_recorded_once,
+    parallel_attribute_writes_all_land_and_never_pass_the_limit,
+    parallel_creates_of_one_user_make_one_profile,
+);

@@ -2,9 +2,8 @@ use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-#[tokio::test]
-async fn malformed_mistyped_and_oversized_bodies_are_4xx_in_the_api_format() {
-    let s = TestServer::start().await;
+async fn malformed_mistyped_and_oversized_bodies_are_4xx_in_the_api_format(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let raw = |body: &'static str| {
         s.client
@@ -136,9 +135,8 @@ async fn malformed_mistyped_and_oversized_bodies_are_4xx_in_the_api_format() {
     assert_error(status, &resp, 405, "method_not_allowed", "non_field_errors");
 }
 
-#[tokio::test]
-async fn every_documented_transaction_error_code_and_source() {
-    let s = TestServer::start().await;
+async fn every_documented_transaction_error_code_and_source(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     let later = |days: i64| iso(now + chrono::Duration::days(days));
@@ -316,3 +314,8 @@ async fn every_documented_transaction_error_code_and_source() {
     let (status, resp) = s.post(GRANT, "u", json!({})).await;
     assert_error(status, &resp, 400, "validation_error", "access_level_id");
 }
+
+on_every_backend!(
+    malformed_mistyped_and_oversized_bodies_are_4xx_in_the_api_format,
+    every_documented_transaction_error_code_and_source,
+);

@@ -76,10 +76,9 @@ impl Schemas {
     }
 }
 
-#[tokio::test]
-async fn every_route_answers_with_the_documented_schemas() {
+async fn every_route_answers_with_the_documented_schemas(backend: Backend) {
     let schemas = Schemas::load();
-    let s = TestServer::start().await;
+    let s = TestServer::start(backend).await;
     let now = s.now();
     let (_, created) = s.profile(Method::POST, "u", Some(json!({"custom_attributes": [{"key": "n", "value": 1}, {"key": "s", "value": "x"}]}))).await;
     schemas.check("ProfileResponse", &created);
@@ -133,3 +132,5 @@ async fn every_route_answers_with_the_documented_schemas() {
     let (_, unauthenticated) = s.send(Method::GET, PROFILE, None, &[], None).await;
     schemas.check("ErrorResponse", &unauthenticated);
 }
+
+on_every_backend!(every_route_answers_with_the_documented_schemas,);

@@ -2,9 +2,8 @@ use crate::common::*;
 use reqwest::Method;
 use serde_json::json;
 
-#[tokio::test]
-async fn create_round_trips_every_field_and_a_retry_is_an_update() {
-    let s = TestServer::start().await;
+async fn create_round_trips_every_field_and_a_retry_is_an_update(backend: Backend) {
+    let s = TestServer::start(backend).await;
     let body = json!({
         "first_name": "Jane", "last_name": "Doe", "gender": "f", "email": "jane@example.com",
         "phone_number": "+1234567890", "birthday": "2000-12-31", "ip_country": "FR",
@@ -84,9 +83,8 @@ async fn create_round_trips_every_field_and_a_retry_is_an_update() {
     assert_eq!(got["last_name"], "Doe");
 }
 
-#[tokio::test]
-async fn anonymous_profiles_and_attaching_a_customer_user_id() {
-    let s = TestServer::start().await;
+async fn anonymous_profiles_and_attaching_a_customer_user_id(backend: Backend) {
+    let s = TestServer::start(backend).await;
     let anon = "0b8d2a4c-1111-4c4c-9d9d-123456789abc";
     let (status, p) = s
         .send(
@@ -132,9 +130,8 @@ async fn anonymous_profiles_and_attaching_a_customer_user_id() {
     assert_error(status, &body, 400, "validation_error", "customer_user_id");
 }
 
-#[tokio::test]
-async fn delete_answers_204_and_the_profile_is_gone() {
-    let s = TestServer::start().await;
+async fn delete_answers_204_and_the_profile_is_gone(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("gone").await;
     let (status, body) = s.profile(Method::DELETE, "gone", None).await;
     assert_eq!(status, 204);
@@ -149,9 +146,8 @@ async fn delete_answers_204_and_the_profile_is_gone() {
     assert_error(status, &body, 404, "not_found", "non_field_errors");
 }
 
-#[tokio::test]
-async fn authentication_and_app_isolation() {
-    let s = TestServer::start().await;
+async fn authentication_and_app_isolation(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let who = [("adapty-customer-user-id", "u")];
     let (status, body) = s.send(Method::GET, PROFILE, None, &who, None).await;
@@ -180,9 +176,8 @@ async fn authentication_and_app_isolation() {
     assert_error(status, &body, 404, "not_found", "non_field_errors");
 }
 
-#[tokio::test]
-async fn custom_attributes_follow_the_documented_rules() {
-    let s = TestServer::start().await;
+async fn custom_attributes_follow_the_documented_rules(backend: Backend) {
+    let s = TestServer::start(backend).await;
     let first = s.create("a").await;
     let (status, p) = s
         .profile(
@@ -234,3 +229,11 @@ async fn custom_attributes_follow_the_documented_rules() {
         assert_error(status, &body, 400, "validation_error", "custom_attributes");
     }
 }
+
+on_every_backend!(
+    create_round_trips_every_field_and_a_retry_is_an_update,
+    anonymous_profiles_and_attaching_a_customer_user_id,
+    delete_answers_204_and_the_profile_is_gone,
+    authentication_and_app_isolation,
+    custom_attributes_follow_the_documented_rules,
+);

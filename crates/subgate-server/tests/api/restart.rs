@@ -1,79 +1,21 @@
 //! The real binary, restarted gracefully and killed with SIGKILL mid-write.
 
-use crate::common::{one_time, CONFIG, PROFILE, SECRET, SET_TRANSACTION};
-use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use crate::common::{one_time, Backend, TestDb, PROFILE, SET_TRANSACTION};
+use crate::nodes::{call, Node};
+use serde_json::json;
+use std::time::Duration;
 
-struct Node {
-    child: Child,
-    base: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn spawn(dir: &std::path::Path) -> Node {
-    let config = dir.join("subgate.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_subgate"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.join("data.db").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("{base}/ready"))
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Node { child, base }
-}
-
-async fn call(
-    client: &reqwest::Client,
-    base: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> Result<(u16, Value), reqwest::Error> {
-    let mut req = client
-        .request(method, format!("{base}{path}"))
-        .header("Authorization", format!("Api-Key {SECRET}"))
-        .header("adapty-customer-user-id", "durable");
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.json().await.unwrap_or(Value::Null)))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn no_answered_write_is_lost_to_a_restart_or_a_kill() {
-    let dir = tempfile::tempdir().unwrap();
+async fn no_answered_write_is_lost_to_a_restart_or_a_kill(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let dir = db.dir.path();
     let client = reqwest::Client::new();
-    let mut node = spawn(dir.path()).await;
+    let mut node = Node::spawn(dir, &db.url).await;
     let (status, _) = call(
         &client,
         &node.base,
         reqwest::Method::POST,
         PROFILE,
+        "durable",
         Some(json!({"custom_attributes": {"plan": "gold"}})),
     )
     .await
@@ -94,6 +36,7 @@ async fn no_answered_write_is_lost_to_a_restart_or_a_kill() {
                     &base,
                     reqwest::Method::POST,
                     SET_TRANSACTION,
+                    "durable",
                     Some(one_time(&id, "com.test.coins", 1.0, now)),
                 )
                 .await
@@ -107,8 +50,7 @@ async fn no_answered_write_is_lost_to_a_restart_or_a_kill() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    node.child.kill().unwrap(); // SIGKILL
-    node.child.wait().unwrap();
+    node.kill();
     let mut answered = Vec::new();
     for t in tasks {
         answered.extend(t.await.unwrap());
@@ -119,10 +61,17 @@ async fn no_answered_write_is_lost_to_a_restart_or_a_kill() {
         answered.len()
     );
 
-    let mut node = spawn(dir.path()).await;
-    let (status, p) = call(&client, &node.base, reqwest::Method::GET, PROFILE, None)
-        .await
-        .unwrap();
+    let mut node = Node::spawn(dir, &db.url).await;
+    let (status, p) = call(
+        &client,
+        &node.base,
+        reqwest::Method::GET,
+        PROFILE,
+        "durable",
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     let stored: std::collections::HashSet<&str> = p["data"]["non_subscriptions"]
         .as_array()
@@ -141,19 +90,23 @@ async fn no_answered_write_is_lost_to_a_restart_or_a_kill() {
     assert_eq!(revenue, stored.len() as f64);
 
     // A graceful stop (SIGTERM) keeps everything too.
-    Command::new("kill")
-        .arg(node.child.id().to_string())
-        .status()
-        .unwrap();
-    node.child.wait().unwrap();
-    let mut node = spawn(dir.path()).await;
-    let (_, again) = call(&client, &node.base, reqwest::Method::GET, PROFILE, None)
-        .await
-        .unwrap();
+    node.terminate();
+    let mut node = Node::spawn(dir, &db.url).await;
+    let (_, again) = call(
+        &client,
+        &node.base,
+        reqwest::Method::GET,
+        PROFILE,
+        "durable",
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         again["data"]["non_subscriptions"].as_array().unwrap().len(),
         stored.len()
     );
-    node.child.kill().unwrap();
-    node.child.wait().unwrap();
+    node.kill();
 }
+
+on_every_backend!(no_answered_write_is_lost_to_a_restart_or_a_kill);

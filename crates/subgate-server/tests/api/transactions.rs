@@ -3,9 +3,8 @@ use chrono::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-#[tokio::test]
-async fn a_subscription_grants_access_until_it_expires() {
-    let s = TestServer::start().await;
+async fn a_subscription_grants_access_until_it_expires(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     let p = s.transaction("u", subscription("t1", "t1", now)).await;
@@ -19,9 +18,8 @@ async fn a_subscription_grants_access_until_it_expires() {
     assert!(!is_active(&s.get("u").await, "premium", s.now()));
 }
 
-#[tokio::test]
-async fn posting_a_transaction_again_updates_it_and_never_adds_revenue_twice() {
-    let s = TestServer::start().await;
+async fn posting_a_transaction_again_updates_it_and_never_adds_revenue_twice(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     s.transaction("u", subscription("t1", "t1", now)).await;
@@ -47,9 +45,8 @@ async fn posting_a_transaction_again_updates_it_and_never_adds_revenue_twice() {
     );
 }
 
-#[tokio::test]
-async fn renewals_extend_the_chain_and_add_revenue() {
-    let s = TestServer::start().await;
+async fn renewals_extend_the_chain_and_add_revenue(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     s.transaction("u", subscription("t1", "t1", now)).await;
@@ -69,9 +66,8 @@ async fn renewals_extend_the_chain_and_add_revenue() {
     );
 }
 
-#[tokio::test]
-async fn one_time_purchases_refunds_and_unconfigured_products() {
-    let s = TestServer::start().await;
+async fn one_time_purchases_refunds_and_unconfigured_products(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
     let p = s
@@ -122,9 +118,8 @@ async fn one_time_purchases_refunds_and_unconfigured_products() {
     assert!(!is_active(&s.get("u").await, "premium", s.now()));
 }
 
-#[tokio::test]
-async fn custom_stores_currencies_and_offers() {
-    let s = TestServer::start().await;
+async fn custom_stores_currencies_and_offers(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("web-user").await;
     let now = s.now();
     let web = with(
@@ -163,9 +158,8 @@ async fn custom_stores_currencies_and_offers() {
     assert_error(status, &resp, 400, "validation_error", "price.currency");
 }
 
-#[tokio::test]
-async fn deleted_profiles_keep_their_history_detached_until_the_chain_comes_back() {
-    let s = TestServer::start().await;
+async fn deleted_profiles_keep_their_history_detached_until_the_chain_comes_back(backend: Backend) {
+    let s = TestServer::start(backend).await;
     s.create("old").await;
     let now = s.now();
     s.transaction("old", subscription("t1", "chain", now)).await;
@@ -182,10 +176,9 @@ async fn deleted_profiles_keep_their_history_detached_until_the_chain_comes_back
     assert!(is_active(&p, "premium", now + Duration::days(1)));
 }
 
-#[tokio::test]
-async fn web_and_mobile_see_the_same_access() {
+async fn web_and_mobile_see_the_same_access(backend: Backend) {
     // Use case 1: a web checkout records the purchase; the app asks by the same user id.
-    let s = TestServer::start().await;
+    let s = TestServer::start(backend).await;
     s.create("user-42").await;
     s.transaction(
         "user-42",
@@ -210,3 +203,13 @@ async fn web_and_mobile_see_the_same_access() {
     assert_eq!(status, 200);
     assert!(is_active(&p["data"], "premium", s.now()));
 }
+
+on_every_backend!(
+    a_subscription_grants_access_until_it_expires,
+    posting_a_transaction_again_updates_it_and_never_adds_revenue_twice,
+    renewals_extend_the_chain_and_add_revenue,
+    one_time_purchases_refunds_and_unconfigured_products,
+    custom_stores_currencies_and_offers,
+    deleted_profiles_keep_their_history_detached_until_the_chain_comes_back,
+    web_and_mobile_see_the_same_access,
+);
