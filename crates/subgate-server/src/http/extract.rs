@@ -144,12 +144,32 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     }
 }
 
+fn has_nul(s: &str) -> bool {
+    s.contains('\0')
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => has_nul(s),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| has_nul(k) || holds_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
     match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Object(map)) => match map.iter().find(|(k, v)| has_nul(k) || holds_nul(v)) {
+            // Neither storage keeps NUL in text (PostgreSQL refuses it), so no field may hold it.
+            Some((key, _)) => Err(ApiError::invalid(
+                key.as_str(),
+                "Null characters are not allowed.",
+            )),
+            None => Ok(map),
+        },
         Ok(other) => Err(ApiError::invalid(
             "non_field_errors",
             format!(
