@@ -33,4 +33,5 @@ mod nodes;
 mod openapi;
 mod profile;
 mod restart;
+mod store_contract;
 mod transactions;

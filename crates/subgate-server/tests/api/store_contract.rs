@@ -1,0 +1,436 @@
+//! The `Store` contract, run against both implementations through the trait alone: what the
+//! services rely on (atomic writes, no lost updates, one row per store transaction, detached
+//! history, paging for copy-store), independent of HTTP.
+
+use crate::common::{start_of_test_time, Backend, TestDb};
+use chrono::Duration;
+use futures_util::future::join_all;
+use std::sync::Arc;
+use subgate_core::error::ApiError;
+use subgate_core::model::{
+    AppDefinition, AttributeValue, Environment, Price, Profile, ProfileDoc, ProfileKey,
+    ProfileState, PurchaseType, Transaction,
+};
+use subgate_core::store::{
+    ChainRef, Change, Counts, Decide, Loaded, Lookup, Outcome, Store, WriteError,
+};
+use subgate_server::config::DatabaseSettings;
+use uuid::Uuid;
+
+async fn open(db: &TestDb) -> Arc<dyn Store> {
+    let store = subgate_server::open_store(&DatabaseSettings {
+        url: db.url.clone(),
+        ..DatabaseSettings::default()
+    })
+    .await
+    .unwrap();
+    store.put_apps(&[app(APP)]).await.unwrap();
+    store
+}
+
+const APP: Uuid = Uuid::from_u128(0x5d3c_1c1e_9a57_4d8e_b5e2_0c9a_4a1f_2b10);
+
+fn app(id: Uuid) -> AppDefinition {
+    AppDefinition {
+        id,
+        name: "Contract".into(),
+        access_levels: vec!["premium".into()],
+        products: Vec::new(),
+        custom_stores: Vec::new(),
+    }
+}
+
+fn by_cuid(cuid: &str) -> Lookup {
+    Lookup {
+        customer_user_id: Some(cuid.into()),
+        ..Lookup::default()
+    }
+}
+
+fn chain(store_transaction_id: &str, original: &str) -> ChainRef {
+    ChainRef {
+        store: "app_store".into(),
+        store_transaction_id: store_transaction_id.into(),
+        store_original_transaction_id: original.into(),
+    }
+}
+
+fn new_profile(cuid: &str) -> ProfileState {
+    let now = start_of_test_time();
+    ProfileState {
+        profile: Profile {
+            id: Uuid::new_v4(),
+            app_id: APP,
+            customer_user_id: Some(cuid.into()),
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            doc: ProfileDoc::default(),
+        },
+        transactions: Vec::new(),
+    }
+}
+
+fn transaction(profile_id: Uuid, id: &str, original: &str, usd: i64) -> Transaction {
+    let at = start_of_test_time();
+    Transaction {
+        id: Uuid::new_v4(),
+        profile_id: Some(profile_id),
+        seq: 1,
+        purchase_type: PurchaseType::Subscription,
+        store: "app_store".into(),
+        environment: Environment::Production,
+        store_product_id: "com.test.monthly".into(),
+        store_base_plan_id: None,
+        store_transaction_id: id.into(),
+        store_original_transaction_id: original.into(),
+        offer: None,
+        is_family_shared: false,
+        price: Price {
+            country: "US".into(),
+            currency: "USD".into(),
+            value_micros: usd,
+            usd_micros: usd,
+        },
+        purchased_at: at,
+        originally_purchased_at: Some(at),
+        expires_at: Some(at + Duration::days(30)),
+        refunded_at: None,
+        cancellation_reason: None,
+        variation_id: None,
+        renew_status: Some(true),
+        renew_status_changed_at: None,
+        billing_issue_detected_at: None,
+        grace_period_expires_at: None,
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+/// The next version of a loaded profile (or a new one), as every service write makes it.
+fn next(loaded: &Loaded, cuid: &str) -> ProfileState {
+    match &loaded.profile {
+        Some(state) => {
+            let mut state = state.clone();
+            state.profile.version += 1;
+            state
+        }
+        None => new_profile(cuid),
+    }
+}
+
+fn decide(f: impl Fn(&Loaded) -> Result<Change, ApiError> + Send + Sync + 'static) -> Decide {
+    Box::new(f)
+}
+
+fn counter(state: &ProfileState) -> f64 {
+    match state.profile.doc.attributes.get("n") {
+        Some(AttributeValue::Number(n)) => *n,
+        _ => 0.0,
+    }
+}
+
+/// Creates `cuid`'s profile if missing, then records `tx_id` (new, or moved onto it).
+async fn record(store: &dyn Store, cuid: &str, tx_id: &str, original: &str) -> Outcome {
+    let cuid_owned = cuid.to_string();
+    let (tx_id, original) = (tx_id.to_string(), original.to_string());
+    let lookup = Lookup {
+        chain: Some(chain(&tx_id, &original)),
+        ..by_cuid(cuid)
+    };
+    store
+        .write(
+            APP,
+            lookup,
+            decide(move |loaded| {
+                let mut state = next(loaded, &cuid_owned);
+                let id = state.profile.id;
+                let t = match loaded
+                    .related
+                    .iter()
+                    .find(|t| t.store_transaction_id == tx_id)
+                {
+                    Some(existing) => Transaction {
+                        profile_id: Some(id),
+                        ..existing.clone()
+                    },
+                    None => transaction(id, &tx_id, &original, 9_990_000),
+                };
+                state
+                    .transactions
+                    .retain(|x| x.store_transaction_id != t.store_transaction_id);
+                state.transactions.push(t.clone());
+                Ok(Change::Save {
+                    state,
+                    transactions: vec![t],
+                })
+            }),
+        )
+        .await
+        .unwrap()
+}
+
+async fn saved(outcome: Outcome) -> ProfileState {
+    match outcome {
+        Outcome::Saved(state) => state,
+        other => panic!("expected a save, got {other:?}"),
+    }
+}
+
+async fn writes_read_back_and_rejections_change_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    store.ping().await.unwrap();
+    let missing = store
+        .load_profile(APP, &ProfileKey::CustomerUserId("nobody".into()))
+        .await
+        .unwrap();
+    assert!(missing.is_none());
+
+    saved(record(&*store, "alice", "t1", "t1").await).await;
+    let written = saved(record(&*store, "alice", "t2", "t1").await).await;
+    for key in [
+        ProfileKey::Id(written.profile.id),
+        ProfileKey::CustomerUserId("alice".into()),
+    ] {
+        let read = store.load_profile(APP, &key).await.unwrap().unwrap();
+        assert_eq!(read, written);
+        let ids: Vec<_> = read
+            .transactions
+            .iter()
+            .map(|t| t.store_transaction_id.as_str())
+            .collect();
+        assert_eq!(ids, ["t1", "t2"], "transactions keep their recorded order");
+    }
+    // Apps are isolated: the same customer user id in another app is someone else.
+    let other_app = store
+        .load_profile(Uuid::new_v4(), &ProfileKey::CustomerUserId("alice".into()))
+        .await
+        .unwrap();
+    assert!(other_app.is_none());
+
+    // A rejected decision writes nothing, even when it is asked to after a load.
+    let rejected = store
+        .write(
+            APP,
+            by_cuid("alice"),
+            decide(|_| Err(ApiError::invalid("x", "no"))),
+        )
+        .await;
+    assert!(matches!(rejected, Err(WriteError::Rejected(_))));
+    // Keep answers with what was loaded.
+    let kept = store
+        .write(APP, by_cuid("alice"), decide(|_| Ok(Change::Keep)))
+        .await
+        .unwrap();
+    assert!(matches!(kept, Outcome::Kept(Some(ref s)) if *s == written));
+    assert_eq!(
+        store.counts().await.unwrap(),
+        Counts {
+            apps: 1,
+            profiles: 1,
+            transactions: 2
+        }
+    );
+}
+
+async fn lookups_report_owners_chains_and_detached_history(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    let alice = saved(record(&*store, "alice", "a1", "a1").await).await;
+    let bob = saved(record(&*store, "bob", "b1", "b1").await).await;
+
+    // By profile id, with a customer user id someone else holds: the owner is reported.
+    let lookup = Lookup {
+        profile_id: Some(bob.profile.id),
+        customer_user_id: Some("alice".into()),
+        chain: Some(chain("a2", "a1")),
+    };
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let seen_in = seen.clone();
+    store
+        .write(
+            APP,
+            lookup,
+            decide(move |loaded| {
+                *seen_in.lock().unwrap() = Some(loaded.clone());
+                Ok(Change::Keep)
+            }),
+        )
+        .await
+        .unwrap();
+    let loaded = seen.lock().unwrap().take().unwrap();
+    assert_eq!(loaded.profile.unwrap().profile.id, bob.profile.id);
+    assert_eq!(loaded.customer_user_id_owner, Some(alice.profile.id));
+    assert_eq!(loaded.related.len(), 1, "the chain a1 lives on alice");
+    assert_eq!(loaded.related[0].profile_id, Some(alice.profile.id));
+
+    // Deleting alice detaches her history; the chain still finds it, on no profile.
+    store
+        .write(
+            APP,
+            by_cuid("alice"),
+            decide(|loaded| {
+                Ok(Change::Delete {
+                    profile: loaded.profile.clone().unwrap().profile,
+                })
+            }),
+        )
+        .await
+        .unwrap();
+    let gone = store
+        .load_profile(APP, &ProfileKey::Id(alice.profile.id))
+        .await
+        .unwrap();
+    assert!(gone.is_none());
+    let detached = store.detached_after(None, 10).await.unwrap();
+    assert_eq!(detached.len(), 1);
+    assert_eq!(detached[0].app_id, APP);
+    assert_eq!(detached[0].transaction.store_transaction_id, "a1");
+    assert_eq!(detached[0].transaction.profile_id, None);
+
+    // Posting the chain again re-attaches it to whoever posts it.
+    let carol = saved(record(&*store, "carol", "a1", "a1").await).await;
+    assert_eq!(carol.transactions.len(), 1);
+    assert!(store.detached_after(None, 10).await.unwrap().is_empty());
+    assert_eq!(store.counts().await.unwrap().transactions, 2);
+}
+
+async fn concurrent_writes_to_one_profile_are_never_lost(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    saved(record(&*store, "counter", "c1", "c1").await).await;
+    let writes = (0..40).map(|_| {
+        let store = store.clone();
+        async move {
+            store
+                .write(
+                    APP,
+                    by_cuid("counter"),
+                    decide(|loaded| {
+                        let mut state = next(loaded, "counter");
+                        let n = counter(&state) + 1.0;
+                        state
+                            .profile
+                            .doc
+                            .attributes
+                            .insert("n".into(), AttributeValue::Number(n));
+                        Ok(Change::Save {
+                            state,
+                            transactions: Vec::new(),
+                        })
+                    }),
+                )
+                .await
+                .unwrap()
+        }
+    });
+    join_all(writes).await;
+    let state = store
+        .load_profile(APP, &ProfileKey::CustomerUserId("counter".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counter(&state), 40.0, "every increment saw the one before");
+    assert_eq!(state.profile.version, 41);
+}
+
+async fn racing_creators_and_recorders_make_one_row_each(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    // Twenty writers record the same new transaction for the same new user, and twenty more
+    // record another new transaction for twenty different new users.
+    let same = (0..20).map(|_| {
+        let store = store.clone();
+        async move { saved(record(&*store, "dup", "same", "same").await).await }
+    });
+    let shared = (0..20).map(|i| {
+        let store = store.clone();
+        async move { saved(record(&*store, &format!("u{i}"), "shared", "shared").await).await }
+    });
+    let (same, shared) = tokio::join!(join_all(same), join_all(shared));
+    let first = same[0].profile.id;
+    assert!(same.iter().all(|s| s.profile.id == first));
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts.profiles, 21);
+    assert_eq!(counts.transactions, 2, "one row per store transaction");
+    // The shared transaction ended on exactly one of the twenty profiles: the last writer's.
+    let mut holders = 0;
+    for s in &shared {
+        let now = store
+            .load_profile(APP, &ProfileKey::Id(s.profile.id))
+            .await
+            .unwrap()
+            .unwrap();
+        holders += now.transactions.len();
+    }
+    assert_eq!(holders, 1);
+}
+
+async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    for i in 0..7 {
+        record(&*store, &format!("p{i}"), &format!("t{i}"), &format!("t{i}")).await;
+        record(&*store, &format!("p{i}"), &format!("r{i}"), &format!("t{i}")).await;
+    }
+    store
+        .write(
+            APP,
+            by_cuid("p3"),
+            decide(|loaded| {
+                Ok(Change::Delete {
+                    profile: loaded.profile.clone().unwrap().profile,
+                })
+            }),
+        )
+        .await
+        .unwrap();
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.profiles_after(after, 3).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some((last.profile.app_id, last.profile.id));
+        pages.push(page);
+    }
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3]);
+    let profiles: Vec<ProfileState> = pages.into_iter().flatten().collect();
+    let mut keys: Vec<_> = profiles.iter().map(|p| p.profile.id).collect();
+    keys.dedup();
+    assert_eq!(keys.len(), 6, "no profile twice");
+    let detached = store.detached_after(None, 100).await.unwrap();
+    assert_eq!(detached.len(), 2);
+
+    // Into a fresh store of the other kind, and back.
+    let other_backend = match backend {
+        Backend::Sqlite => Backend::Postgres,
+        Backend::Postgres => Backend::Sqlite,
+    };
+    let other_db = TestDb::new(other_backend).await;
+    let other = open(&other_db).await;
+    other
+        .import(profiles.clone(), detached.clone())
+        .await
+        .unwrap();
+    assert_eq!(other.counts().await.unwrap(), store.counts().await.unwrap());
+    for p in &profiles {
+        let copy = other
+            .load_profile(APP, &ProfileKey::Id(p.profile.id))
+            .await
+            .unwrap();
+        assert_eq!(copy.as_ref(), Some(p));
+    }
+    assert_eq!(other.detached_after(None, 100).await.unwrap(), detached);
+    // Importing again replaces rather than duplicates.
+    other.import(profiles, detached).await.unwrap();
+    assert_eq!(other.counts().await.unwrap(), store.counts().await.unwrap());
+}
+
+on_every_backend!(
+    writes_read_back_and_rejections_change_nothing,
+    lookups_report_owners_chains_and_detached_history,
+    concurrent_writes_to_one_profile_are_never_lost,
+    racing_creators_and_recorders_make_one_row_each,
+    pages_and_imports_copy_everything_exactly,
+);
