@@ -30,13 +30,22 @@ async fn malformed_mistyped_and_oversized_bodies_are_4xx_in_the_api_format(backe
     let before = s.get("u").await;
     for (body, field) in [
         (json!({"first_name": "a\u{0}b"}), "first_name"),
-        (json!({"custom_attributes": {"plan": "x\u{0}"}}), "custom_attributes"),
-        (json!({"custom_attributes": [{"key": "k\u{0}", "value": 1}]}), "custom_attributes"),
+        (
+            json!({"custom_attributes": {"plan": "x\u{0}"}}),
+            "custom_attributes",
+        ),
+        (
+            json!({"custom_attributes": [{"key": "k\u{0}", "value": 1}]}),
+            "custom_attributes",
+        ),
     ] {
         let (status, v) = s.profile(Method::PATCH, "u", Some(body)).await;
         assert_error(status, &v, 400, "validation_error", field);
     }
-    assert_eq!(s.get("u").await["custom_attributes"], before["custom_attributes"]);
+    assert_eq!(
+        s.get("u").await["custom_attributes"],
+        before["custom_attributes"]
+    );
     let (status, v) = s
         .post(
             SET_TRANSACTION,

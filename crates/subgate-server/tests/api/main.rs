@@ -31,6 +31,7 @@ mod concurrency;
 mod errors;
 mod nodes;
 mod openapi;
+mod postgres_only;
 mod profile;
 mod restart;
 mod store_contract;

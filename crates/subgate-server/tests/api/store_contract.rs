@@ -371,8 +371,20 @@ async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = open(&db).await;
     for i in 0..7 {
-        record(&*store, &format!("p{i}"), &format!("t{i}"), &format!("t{i}")).await;
-        record(&*store, &format!("p{i}"), &format!("r{i}"), &format!("t{i}")).await;
+        record(
+            &*store,
+            &format!("p{i}"),
+            &format!("t{i}"),
+            &format!("t{i}"),
+        )
+        .await;
+        record(
+            &*store,
+            &format!("p{i}"),
+            &format!("r{i}"),
+            &format!("t{i}"),
+        )
+        .await;
     }
     store
         .write(
