@@ -6,6 +6,7 @@ pub mod attributes;
 pub mod clock;
 pub mod currency;
 pub mod error;
+pub mod events;
 pub mod model;
 pub mod service;
 pub mod store;

@@ -193,6 +193,14 @@ impl Environment {
             Environment::Sandbox => "Sandbox",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "Production" => Some(Environment::Production),
+            "Sandbox" => Some(Environment::Sandbox),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,9 +250,26 @@ pub struct Transaction {
     pub grace_period_expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The end of this period has been dealt with (an expiry event sent, or found superseded
+    /// by a later transaction of the chain).
+    #[serde(default)]
+    pub expiry_handled: bool,
 }
 
 impl Transaction {
+    /// When the expiry worker should look at this transaction: the end of its period (grace
+    /// included), unless refunded, handled already, or not a subscription.
+    pub fn expiry_due_at(&self) -> Option<DateTime<Utc>> {
+        if self.purchase_type != PurchaseType::Subscription
+            || self.is_refunded()
+            || self.expiry_handled
+        {
+            return None;
+        }
+        let end = self.expires_at?;
+        Some(self.grace_period_expires_at.map_or(end, |g| g.max(end)))
+    }
+
     pub fn is_refunded(&self) -> bool {
         self.refunded_at.is_some()
     }

@@ -6,11 +6,12 @@ use crate::attributes::{self, AttributeChange};
 use crate::clock::Clock;
 use crate::currency::Rates;
 use crate::error::{ApiError, ErrorCode};
+use crate::events::{EventBuilder, NewEvent};
 use crate::model::{
     App, Grant, Profile, ProfileDoc, ProfileFields, ProfileKey, ProfileState, Revoke, Transaction,
 };
 use crate::store::{
-    ChainRef, Change, Decide, Loaded, Lookup, Outcome, Store, StoreError, WriteError,
+    ChainRef, Change, Decide, DueExpiry, Loaded, Lookup, Outcome, Store, StoreError, WriteError,
 };
 use crate::time;
 use crate::transaction::{self, TransactionInput};
@@ -271,6 +272,7 @@ impl Services {
             Ok(Change::Save {
                 state: next,
                 transactions: Vec::new(),
+                events: Vec::new(),
             })
         });
         self.write(app, who.upsert_lookup(), decide, Missing::NotFound)
@@ -291,6 +293,7 @@ impl Services {
             Ok(Change::Save {
                 state: next,
                 transactions: Vec::new(),
+                events: Vec::new(),
             })
         });
         self.write(app, who.existing_lookup(), decide, Missing::NotFound)
@@ -332,8 +335,10 @@ impl Services {
             chain: Some(chain.clone()),
             ..who.existing_lookup()
         };
+        let app_for_decide = app.clone();
         let decide: Decide = Box::new(move |loaded: &Loaded| {
-            let mut next = next_version(existing(loaded, Missing::ProfileDoesNotExist)?, now);
+            let before = existing(loaded, Missing::ProfileDoesNotExist)?;
+            let mut next = next_version(before, now);
             let profile_id = next.profile.id;
             let seq = next.profile.version;
             let previous = loaded.related.iter().find(|t| {
@@ -366,7 +371,21 @@ impl Services {
                 grace_period_expires_at: i.grace_period_expires_at,
                 created_at: previous.map_or(now, |p| p.created_at),
                 updated_at: now,
+                expiry_handled: false,
             };
+            // An expiry already dealt with stays dealt with unless the period moved.
+            let recorded = Transaction {
+                expiry_handled: previous.is_some_and(|p| {
+                    p.expiry_handled && p.expiry_due_at() == recorded.expiry_due_at()
+                }),
+                ..recorded
+            };
+            let chain_before: Vec<Transaction> = loaded
+                .related
+                .iter()
+                .filter(|t| t.same_chain(&chain.store, &chain.store_original_transaction_id))
+                .cloned()
+                .collect();
             // The rest of the chain follows the purchase to this profile (a restore on another
             // account, or a deleted profile's history re-attached).
             let mut changed: Vec<Transaction> = loaded
@@ -382,7 +401,7 @@ impl Services {
                     ..t.clone()
                 })
                 .collect();
-            changed.push(recorded);
+            changed.push(recorded.clone());
             // Replace in place, so the answer lists transactions as a later read will.
             for t in &changed {
                 match next.transactions.iter_mut().find(|old| {
@@ -392,9 +411,14 @@ impl Services {
                     None => next.transactions.push(t.clone()),
                 }
             }
+            let mut events = EventBuilder::new(&app_for_decide, &next, now);
+            events.transaction_recorded(previous, &recorded, &chain_before);
+            events.access_changes(Some(before), None);
+            let events = events.finish();
             Ok(Change::Save {
                 state: next,
                 transactions: changed,
+                events,
             })
         });
         self.write(app, lookup, decide, Missing::ProfileDoesNotExist)
@@ -419,8 +443,10 @@ impl Services {
             }
         }
         let grant_id = Uuid::new_v4();
+        let app_for_decide = app.clone();
         let decide: Decide = Box::new(move |loaded: &Loaded| {
-            let mut next = next_version(existing(loaded, Missing::ProfileDoesNotExist)?, now);
+            let before = existing(loaded, Missing::ProfileDoesNotExist)?;
+            let mut next = next_version(before, now);
             next.profile.doc.grants.push(Grant {
                 id: grant_id,
                 access_level_id: input.access_level_id.clone(),
@@ -429,9 +455,11 @@ impl Services {
                 created_at: now,
                 seq: next.profile.version,
             });
+            let events = access_events(&app_for_decide, before, &next, now, &input.access_level_id);
             Ok(Change::Save {
                 state: next,
                 transactions: Vec::new(),
+                events,
             })
         });
         self.write(
@@ -490,9 +518,11 @@ impl Services {
                 created_at: now,
                 seq: next.profile.version,
             });
+            let events = access_events(&app_for_decide, state, &next, now, level);
             Ok(Change::Save {
                 state: next,
                 transactions: Vec::new(),
+                events,
             })
         });
         self.write(
@@ -503,6 +533,80 @@ impl Services {
         )
         .await
     }
+
+    /// Deals with a subscription period that has ended: marks it handled and, when it was the
+    /// last period of its chain, fires `subscription_expired` (or `trial_expired`) and the
+    /// `access_level_updated` of the level it gave, if that level has now run out.
+    pub async fn handle_expiry(&self, app: &App, due: DueExpiry) -> Result<(), ApiError> {
+        let now = self.now();
+        let app_for_decide = app.clone();
+        let chain = due.chain.clone();
+        let lookup = Lookup {
+            profile_id: Some(due.profile_id),
+            customer_user_id: None,
+            chain: Some(due.chain),
+        };
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let Some(before) = &loaded.profile else {
+                return Ok(Change::Keep);
+            };
+            let in_chain =
+                |t: &&Transaction| t.same_chain(&chain.store, &chain.store_original_transaction_id);
+            let ended: Vec<&Transaction> = before
+                .transactions
+                .iter()
+                .filter(in_chain)
+                .filter(|t| t.expiry_due_at().is_some_and(|due| due <= now))
+                .collect();
+            if ended.is_empty() {
+                return Ok(Change::Keep);
+            }
+            let last = before
+                .transactions
+                .iter()
+                .filter(in_chain)
+                .max_by_key(|t| (t.purchased_at, t.expires_at));
+            let mut next = next_version(before, now);
+            let mut handled = Vec::new();
+            for t in &mut next.transactions {
+                if ended
+                    .iter()
+                    .any(|e| e.store_transaction_id == t.store_transaction_id && e.store == t.store)
+                {
+                    t.expiry_handled = true;
+                    handled.push(t.clone());
+                }
+            }
+            let mut events = EventBuilder::new(&app_for_decide, &next, now);
+            if let Some(last) = last.filter(|l| ended.iter().any(|e| std::ptr::eq(*e, *l))) {
+                events.expired(last);
+                if let Some(level) = access::level_of(&app_for_decide, last) {
+                    events.access_ended(level);
+                }
+            }
+            let events = events.finish();
+            Ok(Change::Save {
+                state: next,
+                transactions: handled,
+                events,
+            })
+        });
+        self.store.write(app.id(), lookup, decide).await?;
+        Ok(())
+    }
+}
+
+/// Grants and revokes fire `access_level_updated` for their level, and for nothing else.
+fn access_events(
+    app: &App,
+    before: &ProfileState,
+    after: &ProfileState,
+    now: DateTime<Utc>,
+    level: &str,
+) -> Vec<NewEvent> {
+    let mut events = EventBuilder::new(app, after, now);
+    events.access_changes(Some(before), Some(level));
+    events.finish()
 }
 
 fn require_level(app: &App, level: &str) -> Result<(), ApiError> {

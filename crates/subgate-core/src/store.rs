@@ -4,8 +4,10 @@
 //! on SQLite; row locks and constraints on PostgreSQL), never the caller's.
 
 use crate::error::ApiError;
-use crate::model::{AppDefinition, Profile, ProfileKey, ProfileState, Transaction};
+use crate::events::NewEvent;
+use crate::model::{AppDefinition, Environment, Profile, ProfileKey, ProfileState, Transaction};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +32,7 @@ pub struct Lookup {
     pub chain: Option<ChainRef>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainRef {
     pub store: String,
     pub store_transaction_id: String,
@@ -57,6 +59,8 @@ pub enum Change {
     Save {
         state: ProfileState,
         transactions: Vec<Transaction>,
+        /// Stored in the same commit, for the webhook worker to deliver.
+        events: Vec<NewEvent>,
     },
     /// Delete the profile and detach its transactions.
     Delete { profile: Profile },
@@ -94,6 +98,81 @@ pub struct Counts {
 pub struct DetachedTransaction {
     pub app_id: Uuid,
     pub transaction: Transaction,
+}
+
+/// Where an event is in its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its first or next attempt.
+    Pending,
+    /// An endpoint answered 200-404.
+    Delivered,
+    /// Every retry failed; kept for the feed and a manual redelivery.
+    Failed,
+    /// The app has no webhook endpoint for the event's environment.
+    NoEndpoint,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+            DeliveryState::NoEndpoint => "no_endpoint",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            DeliveryState::Pending,
+            DeliveryState::Delivered,
+            DeliveryState::Failed,
+            DeliveryState::NoEndpoint,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+}
+
+/// An event as stored, with its delivery state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub id: Uuid,
+    /// Order of creation across the whole store; the feed's cursor.
+    pub seq: i64,
+    pub app_id: Uuid,
+    pub profile_id: Uuid,
+    pub event_type: String,
+    pub environment: Environment,
+    pub created_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+    pub state: DeliveryState,
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// The outcome of one delivery attempt, as the worker records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryResult {
+    pub state: DeliveryState,
+    pub status: Option<i32>,
+    pub error: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub at: DateTime<Utc>,
+    /// Whether this was an attempt (counted) or a decision without one (no endpoint).
+    pub attempted: bool,
+}
+
+/// A subscription period that has ended and whose expiry has not been dealt with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueExpiry {
+    pub app_id: Uuid,
+    pub profile_id: Uuid,
+    pub chain: ChainRef,
 }
 
 #[async_trait]
@@ -137,6 +216,47 @@ pub trait Store: Send + Sync + 'static {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<DetachedTransaction>, StoreError>;
+
+    // The event outbox and the expiry schedule, for the webhook worker and the event feed.
+
+    /// Transactions whose period ended at or before `now` and is not dealt with yet.
+    async fn due_expirations(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<DueExpiry>, StoreError>;
+
+    /// Leases up to `limit` pending events due at `now` until `lease_until`, at most one per
+    /// profile and never one while an earlier event of its profile is still pending (so a
+    /// profile's events go out in order). Several nodes never lease the same event.
+    async fn claim_events(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Records an attempt's outcome and releases the lease.
+    async fn finish_delivery(&self, id: Uuid, result: DeliveryResult) -> Result<(), StoreError>;
+
+    /// An app's events (one profile's, if given), oldest first, after the cursor `after_seq`.
+    async fn list_events(
+        &self,
+        app_id: Uuid,
+        profile_id: Option<Uuid>,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    async fn get_event(&self, app_id: Uuid, id: Uuid) -> Result<Option<StoredEvent>, StoreError>;
+
+    /// Puts an event back to pending, due at `now`; `None` if the app has no such event.
+    async fn redeliver(
+        &self,
+        app_id: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<StoredEvent>, StoreError>;
 
     /// Writes the rows exactly as given (ids, versions, timestamps and order kept) in one
     /// transaction, replacing rows with the same keys.

@@ -13,12 +13,14 @@ mod rows;
 mod schema;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use std::future::Future;
 use std::time::Duration;
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
-    Counts, Decide, DetachedTransaction, Lookup, Outcome, Store, StoreError, WriteError,
+    Counts, Decide, DeliveryResult, DetachedTransaction, DueExpiry, Lookup, Outcome, Store,
+    StoreError, StoredEvent, WriteError,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -309,6 +311,74 @@ impl Store for PgStore {
         bounded("a transaction page", async {
             let client = self.client().await?;
             rows::detached_after(&client, after, limit).await
+        })
+        .await
+    }
+
+    async fn due_expirations(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<DueExpiry>, StoreError> {
+        bounded("an expiry scan", async {
+            let client = self.client().await?;
+            rows::due_expirations(&client, now, limit).await
+        })
+        .await
+    }
+
+    async fn claim_events(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        bounded("an event claim", async {
+            let client = self.client().await?;
+            rows::claim_events(&client, now, lease_until, limit).await
+        })
+        .await
+    }
+
+    async fn finish_delivery(&self, id: Uuid, result: DeliveryResult) -> Result<(), StoreError> {
+        bounded("a delivery update", async {
+            let client = self.client().await?;
+            rows::finish_delivery(&client, id, &result).await
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        app_id: Uuid,
+        profile_id: Option<Uuid>,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        bounded("an event list", async {
+            let client = self.client().await?;
+            rows::list_events(&client, app_id, profile_id, after_seq, limit).await
+        })
+        .await
+    }
+
+    async fn get_event(&self, app_id: Uuid, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+        bounded("an event read", async {
+            let client = self.client().await?;
+            rows::get_event(&client, app_id, id).await
+        })
+        .await
+    }
+
+    async fn redeliver(
+        &self,
+        app_id: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        bounded("a redelivery", async {
+            let client = self.client().await?;
+            rows::redeliver(&client, app_id, id, now).await
         })
         .await
     }

@@ -4,11 +4,14 @@ use crate::{classify, Failure};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use std::collections::HashSet;
+use subgate_core::events::NewEvent;
 use subgate_core::model::{
-    AppDefinition, Profile, ProfileDoc, ProfileKey, ProfileState, Transaction,
+    AppDefinition, Environment, Profile, ProfileDoc, ProfileKey, ProfileState, Transaction,
 };
-use subgate_core::store::{ChainRef, StoreError};
-use subgate_core::store::{Change, Counts, Decide, DetachedTransaction, Loaded, Lookup, Outcome};
+use subgate_core::store::{
+    ChainRef, Change, Counts, Decide, DeliveryResult, DeliveryState, DetachedTransaction,
+    DueExpiry, Loaded, Lookup, Outcome, StoreError, StoredEvent,
+};
 use subgate_core::time::{from_micros, to_micros};
 use tokio_postgres::types::Json;
 use tokio_postgres::Row;
@@ -260,8 +263,8 @@ async fn insert_transaction(
     let stmt = client
         .prepare_cached(
             "INSERT INTO transactions (id, app_id, profile_id, store, store_transaction_id,
-                 store_original_transaction_id, data)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                 store_original_transaction_id, data, expiry_due_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .await?;
     client
@@ -275,6 +278,7 @@ async fn insert_transaction(
                 &t.store_transaction_id,
                 &t.store_original_transaction_id,
                 &Json(t),
+                &t.expiry_due_at().map(|d| column_time(&d)),
             ],
         )
         .await
@@ -288,7 +292,8 @@ async fn update_transaction(
 ) -> Result<u64, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(
-            "UPDATE transactions SET profile_id = $4, store_original_transaction_id = $5, data = $6
+            "UPDATE transactions SET profile_id = $4, store_original_transaction_id = $5, data = $6,
+                 expiry_due_at = $7
              WHERE app_id = $1 AND store = $2 AND store_transaction_id = $3",
         )
         .await?;
@@ -302,6 +307,7 @@ async fn update_transaction(
                 &t.profile_id,
                 &t.store_original_transaction_id,
                 &Json(t),
+                &t.expiry_due_at().map(|d| column_time(&d)),
             ],
         )
         .await
@@ -319,8 +325,12 @@ pub async fn write(
         Change::Save {
             state,
             transactions,
+            events,
         } => {
             save_profile(client, &state).await?;
+            for e in &events {
+                insert_event(client, app_id, e).await?;
+            }
             let known: HashSet<(&str, &str)> = loaded
                 .related
                 .iter()
@@ -458,12 +468,13 @@ async fn upsert_transaction(
     let stmt = client
         .prepare_cached(
             "INSERT INTO transactions (id, app_id, profile_id, store, store_transaction_id,
-                 store_original_transaction_id, data)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 store_original_transaction_id, data, expiry_due_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (app_id, store, store_transaction_id) DO UPDATE SET
                  profile_id = excluded.profile_id,
                  store_original_transaction_id = excluded.store_original_transaction_id,
-                 data = excluded.data",
+                 data = excluded.data,
+                 expiry_due_at = excluded.expiry_due_at",
         )
         .await
         .map_err(classify)?;
@@ -478,6 +489,7 @@ async fn upsert_transaction(
                 &t.store_transaction_id,
                 &t.store_original_transaction_id,
                 &Json(t),
+                &t.expiry_due_at().map(|d| column_time(&d)),
             ],
         )
         .await
@@ -526,4 +538,217 @@ pub async fn import(
         upsert_transaction(client, d.app_id, &d.transaction).await?;
     }
     Ok(())
+}
+
+async fn insert_event(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    e: &NewEvent,
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO events (id, app_id, profile_id, event_type, environment, created_at,
+                 payload, state, next_attempt_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $6)",
+        )
+        .await?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &e.id,
+                &app_id,
+                &e.profile_id,
+                &e.event_type.as_str(),
+                &e.environment.as_str(),
+                &column_time(&e.occurred_at),
+                &Json(&e.payload),
+            ],
+        )
+        .await
+        .map(drop)
+}
+
+pub async fn due_expirations(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<DueExpiry>, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT app_id, profile_id, store, store_transaction_id, store_original_transaction_id
+             FROM transactions
+             WHERE expiry_due_at <= $1 AND profile_id IS NOT NULL
+             ORDER BY expiry_due_at LIMIT $2",
+        )
+        .await
+        .map_err(classify)?;
+    let rows = client
+        .query(&stmt, &[&now, &i64::from(limit)])
+        .await
+        .map_err(classify)?;
+    rows.iter()
+        .map(|row| {
+            Ok(DueExpiry {
+                app_id: get(row, 0)?,
+                profile_id: get(row, 1)?,
+                chain: ChainRef {
+                    store: get(row, 2)?,
+                    store_transaction_id: get(row, 3)?,
+                    store_original_transaction_id: get(row, 4)?,
+                },
+            })
+        })
+        .collect()
+}
+
+const EVENT_COLUMNS: &str = "seq, id, app_id, profile_id, event_type, environment, created_at,
+    payload, state, attempts, last_status, last_error, next_attempt_at, delivered_at";
+
+fn event_from(row: &Row) -> Result<StoredEvent, StoreError> {
+    let environment: String = get(row, 5)?;
+    let state: String = get(row, 8)?;
+    let Json(payload): Json<serde_json::Value> = get(row, 7)?;
+    Ok(StoredEvent {
+        seq: get(row, 0)?,
+        id: get(row, 1)?,
+        app_id: get(row, 2)?,
+        profile_id: get(row, 3)?,
+        event_type: get(row, 4)?,
+        environment: Environment::parse(&environment).ok_or_else(|| {
+            StoreError::Internal(format!("unreadable event environment {environment}"))
+        })?,
+        created_at: get(row, 6)?,
+        payload,
+        state: DeliveryState::parse(&state)
+            .ok_or_else(|| StoreError::Internal(format!("unreadable event state {state}")))?,
+        attempts: get(row, 9)?,
+        last_status: get(row, 10)?,
+        last_error: get(row, 11)?,
+        next_attempt_at: get(row, 12)?,
+        delivered_at: get(row, 13)?,
+    })
+}
+
+pub async fn claim_events(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    // SKIP LOCKED: nodes claiming at once take different events. An event whose profile has
+    // an earlier pending one waits for it, whoever holds that one.
+    let sql = format!(
+        "UPDATE events SET lease_until = $2 WHERE seq IN (
+             SELECT e.seq FROM events e
+             WHERE e.state = 'pending' AND e.next_attempt_at <= $1
+               AND (e.lease_until IS NULL OR e.lease_until <= $1)
+               AND NOT EXISTS (SELECT 1 FROM events p
+                   WHERE p.app_id = e.app_id AND p.profile_id = e.profile_id
+                     AND p.state = 'pending' AND p.seq < e.seq)
+             ORDER BY e.seq LIMIT $3
+             FOR UPDATE SKIP LOCKED)
+         RETURNING {EVENT_COLUMNS}"
+    );
+    let stmt = client.prepare_cached(&sql).await.map_err(classify)?;
+    let rows = client
+        .query(&stmt, &[&now, &lease_until, &i64::from(limit)])
+        .await
+        .map_err(classify)?;
+    let mut events = rows.iter().map(event_from).collect::<Result<Vec<_>, _>>()?;
+    events.sort_by_key(|e| e.seq);
+    Ok(events)
+}
+
+pub async fn finish_delivery(
+    client: &impl GenericClient,
+    id: Uuid,
+    result: &DeliveryResult,
+) -> Result<(), StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE events SET state = $2, attempts = attempts + $3, last_status = $4,
+                 last_error = $5, next_attempt_at = $6, lease_until = NULL,
+                 delivered_at = CASE WHEN $2 = 'delivered' THEN $7 ELSE delivered_at END
+             WHERE id = $1",
+        )
+        .await
+        .map_err(classify)?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &id,
+                &result.state.as_str(),
+                &i32::from(result.attempted),
+                &result.status,
+                &result.error,
+                &result.next_attempt_at,
+                &result.at,
+            ],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(())
+}
+
+pub async fn list_events(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    profile_id: Option<Uuid>,
+    after_seq: Option<i64>,
+    limit: u32,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+         WHERE app_id = $1 AND ($2::uuid IS NULL OR profile_id = $2) AND seq > $3
+         ORDER BY seq LIMIT $4"
+    );
+    let stmt = client.prepare_cached(&sql).await.map_err(classify)?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &app_id,
+                &profile_id,
+                &after_seq.unwrap_or(0),
+                &i64::from(limit),
+            ],
+        )
+        .await
+        .map_err(classify)?;
+    rows.iter().map(event_from).collect()
+}
+
+pub async fn get_event(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    id: Uuid,
+) -> Result<Option<StoredEvent>, StoreError> {
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE app_id = $1 AND id = $2");
+    let stmt = client.prepare_cached(&sql).await.map_err(classify)?;
+    let row = client
+        .query_opt(&stmt, &[&app_id, &id])
+        .await
+        .map_err(classify)?;
+    row.as_ref().map(event_from).transpose()
+}
+
+pub async fn redeliver(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<StoredEvent>, StoreError> {
+    let sql = format!(
+        "UPDATE events SET state = 'pending', next_attempt_at = $3, lease_until = NULL
+         WHERE app_id = $1 AND id = $2
+         RETURNING {EVENT_COLUMNS}"
+    );
+    let stmt = client.prepare_cached(&sql).await.map_err(classify)?;
+    let row = client
+        .query_opt(&stmt, &[&app_id, &id, &now])
+        .await
+        .map_err(classify)?;
+    row.as_ref().map(event_from).transpose()
 }

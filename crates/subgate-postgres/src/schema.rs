@@ -5,8 +5,14 @@
 use crate::classify;
 use subgate_core::store::StoreError;
 
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "0001_init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "0001_init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "0002_events",
+        include_str!("../migrations/0002_events.sql"),
+    ),
+];
 
 /// Any fixed number works; it only has to be the same on every node ("subgate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0073_7562_6761_7465;

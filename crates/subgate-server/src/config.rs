@@ -7,6 +7,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use subgate_core::events::EventType;
 use subgate_core::model::{
     AppDefinition, Product, ProductKind, BUILTIN_STORES, DEFAULT_ACCESS_LEVEL,
 };
@@ -28,6 +29,8 @@ pub struct Settings {
     pub currency_rates: HashMap<String, f64>,
     #[serde(default)]
     pub apps: Vec<AppSettings>,
+    #[serde(default)]
+    pub webhooks: WebhooksSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +93,71 @@ pub struct AppSettings {
     pub access_levels: Vec<AccessLevelSettings>,
     #[serde(default)]
     pub products: Vec<ProductSettings>,
+    /// Where this app's events are sent; without it they are only kept for the event feed.
+    #[serde(default)]
+    pub webhook: Option<WebhookSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookSettings {
+    /// Production events (and Sandbox ones when there is no `sandbox_url`).
+    pub url: String,
+    pub sandbox_url: Option<String>,
+    /// Sent verbatim as the `Authorization` header.
+    pub authorization: Option<String>,
+    /// `whsec_<base64 key>`: adds Standard Webhooks signature headers.
+    pub signing_secret: Option<String>,
+    /// Renames, as Adapty allows: event type to the name sent in `event_type`.
+    #[serde(default)]
+    pub event_names: BTreeMap<String, String>,
+}
+
+/// Delivery settings shared by every app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhooksSettings {
+    /// Waits before each retry; the event is marked failed after the last one.
+    #[serde(default = "default_retry_delays")]
+    pub retry_delays_seconds: Vec<u64>,
+    /// An endpoint that has not answered by then is retried.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_seconds: u64,
+    /// How often each node looks for events to send and subscription periods that ended.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval_ms: u64,
+}
+
+/// Adapty's schedule: 9 retries with growing gaps, 24 hours in all.
+fn default_retry_delays() -> Vec<u64> {
+    vec![60, 300, 900, 1800, 3600, 7200, 14400, 28800, 29340]
+}
+
+fn default_webhook_timeout() -> u64 {
+    10
+}
+
+fn default_poll_interval() -> u64 {
+    200
+}
+
+impl Default for WebhooksSettings {
+    fn default() -> Self {
+        Self {
+            retry_delays_seconds: default_retry_delays(),
+            timeout_seconds: default_webhook_timeout(),
+            poll_interval_ms: default_poll_interval(),
+        }
+    }
+}
+
+/// The key bytes of a `whsec_...` signing secret.
+pub fn signing_key(secret: &str) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine as _;
+    let encoded = secret
+        .strip_prefix("whsec_")
+        .context("signing_secret must look like whsec_<base64>")?;
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .context("signing_secret: the part after whsec_ is not base64")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,6 +257,7 @@ impl Settings {
             database: DatabaseSettings::default(),
             currency_rates: HashMap::new(),
             apps: Vec::new(),
+            webhooks: WebhooksSettings::default(),
         }
     }
 
@@ -244,9 +313,40 @@ impl Settings {
                 }
             }
         }
+        for app in &self.apps {
+            if let Some(webhook) = &app.webhook {
+                webhook
+                    .validate()
+                    .with_context(|| format!("app `{}`, [apps.webhook]", app.name))?;
+            }
+        }
+        if self.webhooks.timeout_seconds == 0 {
+            bail!("webhooks.timeout_seconds must be at least 1");
+        }
         for (code, rate) in &self.currency_rates {
             if !(rate.is_finite() && *rate > 0.0) {
                 bail!("currency_rates.{code} must be a positive number");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WebhookSettings {
+    fn validate(&self) -> anyhow::Result<()> {
+        for url in std::iter::once(&self.url).chain(&self.sandbox_url) {
+            let parsed =
+                reqwest::Url::parse(url).with_context(|| format!("`{url}` is not a URL"))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                bail!("`{url}` must be an http or https URL");
+            }
+        }
+        if let Some(secret) = &self.signing_secret {
+            signing_key(secret)?;
+        }
+        for name in self.event_names.keys() {
+            if EventType::parse(name).is_none() {
+                bail!("event_names: `{name}` is not an event type");
             }
         }
         Ok(())

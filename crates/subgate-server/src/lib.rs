@@ -3,6 +3,7 @@
 pub mod config;
 pub mod copy;
 pub mod http;
+pub mod webhooks;
 
 use anyhow::{bail, Context as _};
 use config::{DatabaseSettings, Settings};
@@ -17,7 +18,7 @@ use subgate_core::Clock;
 use subgate_postgres::{PgOptions, PgStore};
 use subgate_sqlite::SqliteStore;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Opens the store the URL's scheme names, applying its migrations. A URL we cannot serve is an
@@ -62,20 +63,27 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// A server bound to its port and running.
+/// A server bound to its port and running, with its webhook worker.
 pub struct Running {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    worker_stop: watch::Sender<bool>,
+    worker: Option<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting, lets requests in flight finish, and waits.
+    /// Stops accepting, lets requests in flight finish, stops the worker after its current
+    /// round (an event it was sending is either recorded or sent again later), and waits.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         (&mut self.task).await??;
+        let _ = self.worker_stop.send(true);
+        if let Some(worker) = self.worker.take() {
+            worker.await?;
+        }
         Ok(())
     }
 
@@ -114,21 +122,20 @@ pub async fn start_with_store(
         .await
         .context("saving the configured apps")?;
     let mut apps = AppRegistry::default();
+    let mut app_list = Vec::new();
     for (app, definition) in settings.apps.iter().zip(definitions) {
-        apps.insert(
-            Arc::new(App::new(definition)),
-            &app.public_keys,
-            &app.secret_keys,
-        );
+        let built = Arc::new(App::new(definition));
+        apps.insert(Arc::clone(&built), &app.public_keys, &app.secret_keys);
+        app_list.push(built);
     }
-    let ctx = Arc::new(Context {
-        services: Services {
-            store,
-            clock,
-            rates: Arc::new(Rates::with_overrides(&settings.currency_rates)),
-        },
-        apps,
-    });
+    let services = Services {
+        store,
+        clock,
+        rates: Arc::new(Rates::with_overrides(&settings.currency_rates)),
+    };
+    let worker = webhooks::Worker::new(settings, services.clone(), &app_list)
+        .context("setting up webhook delivery")?;
+    let ctx = Arc::new(Context { services, apps });
     let listener = TcpListener::bind(&settings.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
@@ -142,9 +149,13 @@ pub async fn start_with_store(
             })
             .await
     });
+    let (worker_stop, stop_rx) = watch::channel(false);
+    let worker = worker.spawn(stop_rx);
     Ok(Running {
         addr,
         shutdown: Some(tx),
         task,
+        worker_stop,
+        worker: Some(worker),
     })
 }

@@ -40,6 +40,18 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Send Adapty's endpoint check (an empty JSON object, with the app's Authorization and
+    /// signature headers) to an app's webhook URL and report the answer.
+    WebhookTest {
+        #[command(flatten)]
+        common: Common,
+        /// The app's name (or id) in the config.
+        #[arg(long)]
+        app: String,
+        /// Use the app's sandbox URL.
+        #[arg(long)]
+        sandbox: bool,
+    },
     /// Copy every app, profile and transaction from one database to another, e.g. from the
     /// SQLite file to PostgreSQL when moving to several nodes. Stop the nodes writing to the
     /// source first.
@@ -144,12 +156,64 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::WebhookTest {
+            common,
+            app,
+            sandbox,
+        } => {
+            let (settings, _) = load(&common, None)?;
+            webhook_test(&settings, &app, sandbox).await
+        }
         Command::CopyStore {
             from,
             to,
             overwrite,
         } => copy_store(&from, &to, overwrite).await,
     }
+}
+
+async fn webhook_test(settings: &Settings, app: &str, sandbox: bool) -> anyhow::Result<()> {
+    use subgate_server::webhooks::Endpoint;
+    let config = settings
+        .apps
+        .iter()
+        .find(|a| a.name == app || a.app_id().to_string() == app)
+        .with_context(|| format!("no app named `{app}` in the config"))?;
+    let webhook = config
+        .webhook
+        .as_ref()
+        .with_context(|| format!("app `{app}` has no [apps.webhook] section"))?;
+    let endpoint = Endpoint::from_settings(webhook)?;
+    let environment = if sandbox {
+        subgate_core::model::Environment::Sandbox
+    } else {
+        subgate_core::model::Environment::Production
+    };
+    let url = endpoint.url_for(environment).to_string();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(
+            settings.webhooks.timeout_seconds,
+        ))
+        .build()?;
+    let started = std::time::Instant::now();
+    let id = format!("test_{}", uuid::Uuid::new_v4().simple());
+    let response = endpoint
+        .post(&client, &url, &id, b"{}", chrono::Utc::now())
+        .await
+        .with_context(|| format!("POST {url} failed"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let json = serde_json::from_str::<serde_json::Value>(&body).is_ok();
+    println!(
+        "POST {url}: {status} in {} ms; answer {}",
+        started.elapsed().as_millis(),
+        if json { "is JSON" } else { "is not JSON" }
+    );
+    anyhow::ensure!(
+        status.is_success() && json,
+        "Adapty expects a 2xx with a JSON body from a new endpoint"
+    );
+    Ok(())
 }
 
 async fn copy_store(from: &str, to: &str, overwrite: bool) -> anyhow::Result<()> {

@@ -11,12 +11,14 @@ mod rows;
 mod schema;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
-    Counts, Decide, DetachedTransaction, Lookup, Outcome, Store, StoreError, WriteError,
+    Counts, Decide, DeliveryResult, DetachedTransaction, DueExpiry, Lookup, Outcome, Store,
+    StoreError, StoredEvent, WriteError,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -25,6 +27,13 @@ use uuid::Uuid;
 const MAX_BATCH: usize = 512;
 const READERS: usize = 4;
 
+/// Sends a job's result once the batch's commit is known: a failed commit turns every
+/// success of the batch into an error, since none of it was written.
+type Finisher = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// A job run on the writer's connection: whether it succeeded, and how to answer.
+type ExecJob = Box<dyn FnOnce(&Connection) -> (bool, Finisher) + Send>;
+
 enum Job {
     Write {
         app_id: Uuid,
@@ -32,15 +41,8 @@ enum Job {
         decide: Decide,
         reply: oneshot::Sender<Result<Outcome, WriteError>>,
     },
-    PutApps {
-        apps: Vec<AppDefinition>,
-        reply: oneshot::Sender<Result<(), WriteError>>,
-    },
-    Import {
-        profiles: Vec<ProfileState>,
-        detached: Vec<DetachedTransaction>,
-        reply: oneshot::Sender<Result<(), WriteError>>,
-    },
+    /// Any other write: runs in its own savepoint, rolled back if it fails.
+    Exec(ExecJob),
 }
 
 pub struct SqliteStore {
@@ -130,29 +132,42 @@ impl SqliteStore {
         .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
     }
 
-    async fn submit<T>(
-        &self,
-        job: Job,
-        reply: oneshot::Receiver<Result<T, WriteError>>,
-    ) -> Result<T, WriteError> {
+    fn send(&self, job: Job) -> Result<(), StoreError> {
         self.writer
             .send(job)
-            .map_err(|_| StoreError::Internal("the writer thread has stopped".into()))?;
-        reply
-            .await
-            .map_err(|_| StoreError::Internal("the writer thread dropped a write".into()))?
+            .map_err(|_| StoreError::Internal("the writer thread has stopped".into()))
+    }
+
+    /// Runs `f` on the writer thread, in the next group commit, and answers once committed.
+    async fn exec<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::Exec(Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let finish: Finisher = Box::new(move |commit_error| {
+                let result = match (result, commit_error) {
+                    (Ok(_), Some(e)) => Err(StoreError::Unavailable(e.to_string())),
+                    (result, _) => result,
+                };
+                // A caller that went away no longer needs the answer.
+                let _ = reply.send(result);
+            });
+            (ok, finish)
+        })))?;
+        rx.await.map_err(|_| {
+            StoreError::Unavailable("the database could not start a transaction".into())
+        })?
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn put_apps(&self, apps: &[AppDefinition]) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job::PutApps {
-            apps: apps.to_vec(),
-            reply,
-        };
-        self.submit(job, rx).await.map_err(store_error)
+        let apps = apps.to_vec();
+        self.exec(move |conn| rows::put_apps(conn, &apps)).await
     }
 
     async fn load_profile(
@@ -172,13 +187,14 @@ impl Store for SqliteStore {
         decide: Decide,
     ) -> Result<Outcome, WriteError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job::Write {
+        self.send(Job::Write {
             app_id,
             lookup,
             decide,
             reply,
-        };
-        self.submit(job, rx).await
+        })?;
+        rx.await
+            .map_err(|_| StoreError::Internal("the writer thread dropped a write".into()))?
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -220,21 +236,58 @@ impl Store for SqliteStore {
         profiles: Vec<ProfileState>,
         detached: Vec<DetachedTransaction>,
     ) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job::Import {
-            profiles,
-            detached,
-            reply,
-        };
-        self.submit(job, rx).await.map_err(store_error)
+        self.exec(move |conn| rows::import(conn, &profiles, &detached))
+            .await
     }
-}
 
-/// Jobs that carry no `decide` cannot be rejected; any failure is the store's.
-fn store_error(e: WriteError) -> StoreError {
-    match e {
-        WriteError::Store(s) => s,
-        WriteError::Rejected(api) => StoreError::Internal(api.to_string()),
+    async fn due_expirations(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<DueExpiry>, StoreError> {
+        self.read(move |conn| rows::due_expirations(conn, now, limit))
+            .await
+    }
+
+    async fn claim_events(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.exec(move |conn| rows::claim_events(conn, now, lease_until, limit))
+            .await
+    }
+
+    async fn finish_delivery(&self, id: Uuid, result: DeliveryResult) -> Result<(), StoreError> {
+        self.exec(move |conn| rows::finish_delivery(conn, id, &result))
+            .await
+    }
+
+    async fn list_events(
+        &self,
+        app_id: Uuid,
+        profile_id: Option<Uuid>,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(move |conn| rows::list_events(conn, app_id, profile_id, after_seq, limit))
+            .await
+    }
+
+    async fn get_event(&self, app_id: Uuid, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+        self.read(move |conn| rows::get_event(conn, app_id, id))
+            .await
+    }
+
+    async fn redeliver(
+        &self,
+        app_id: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        self.exec(move |conn| rows::redeliver(conn, app_id, id, now))
+            .await
     }
 }
 
@@ -245,36 +298,23 @@ enum Reply {
         oneshot::Sender<Result<Outcome, WriteError>>,
         Result<Outcome, WriteError>,
     ),
-    Unit(
-        oneshot::Sender<Result<(), WriteError>>,
-        Result<(), WriteError>,
-    ),
+    Exec(Finisher),
 }
 
 impl Reply {
-    /// A job's reply slot, with a placeholder success that [`Reply::fail`] replaces.
-    fn of(job: Job) -> Self {
-        match job {
-            Job::Write { reply, .. } => Reply::Write(reply, Ok(Outcome::Deleted)),
-            Job::PutApps { reply, .. } | Job::Import { reply, .. } => Reply::Unit(reply, Ok(())),
-        }
-    }
-
-    /// After a failed commit nothing of the batch was written.
-    fn fail(self, error: &StoreError) -> Self {
-        let err = || WriteError::Store(StoreError::Unavailable(error.to_string()));
+    fn send(self, commit_error: Option<&StoreError>) {
         match self {
-            Reply::Write(tx, Ok(_)) => Reply::Write(tx, Err(err())),
-            Reply::Unit(tx, Ok(())) => Reply::Unit(tx, Err(err())),
-            other => other,
-        }
-    }
-
-    fn send(self) {
-        // A caller that went away (client disconnected) no longer needs the answer.
-        match self {
-            Reply::Write(tx, r) => drop(tx.send(r)),
-            Reply::Unit(tx, r) => drop(tx.send(r)),
+            Reply::Write(tx, result) => {
+                let result = match (result, commit_error) {
+                    (Ok(_), Some(e)) => {
+                        Err(WriteError::Store(StoreError::Unavailable(e.to_string())))
+                    }
+                    (result, _) => result,
+                };
+                // A caller that went away (client disconnected) no longer needs the answer.
+                let _ = tx.send(result);
+            }
+            Reply::Exec(finish) => finish(commit_error),
         }
     }
 }
@@ -288,22 +328,23 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let replies = run_batch(&mut conn, batch);
+        let (replies, commit_error) = run_batch(&mut conn, batch);
         for reply in replies {
-            reply.send();
+            reply.send(commit_error.as_ref());
         }
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Reply> {
+fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<StoreError>) {
     let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             let error = unavailable(e);
-            return batch
+            let replies = batch
                 .into_iter()
-                .map(|job| Reply::of(job).fail(&error))
+                .map(|job| run_unbegun(job, &error))
                 .collect();
+            return (replies, Some(error));
         }
     };
     let mut replies = Vec::with_capacity(batch.len());
@@ -318,31 +359,44 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> Vec<Reply> {
                 let result = in_savepoint(&mut tx, |sp| rows::write(sp, app_id, &lookup, &decide));
                 replies.push(Reply::Write(reply, result));
             }
-            Job::PutApps { apps, reply } => {
-                let result = in_savepoint(&mut tx, |sp| {
-                    rows::put_apps(sp, &apps).map_err(WriteError::from)
+            Job::Exec(f) => {
+                let mut finish = None;
+                let _ = in_savepoint(&mut tx, |sp| {
+                    let (ok, f) = f(sp);
+                    finish = Some(f);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(WriteError::Store(StoreError::Internal("job failed".into())))
+                    }
                 });
-                replies.push(Reply::Unit(reply, result));
-            }
-            Job::Import {
-                profiles,
-                detached,
-                reply,
-            } => {
-                let result = in_savepoint(&mut tx, |sp| {
-                    rows::import(sp, &profiles, &detached).map_err(WriteError::from)
-                });
-                replies.push(Reply::Unit(reply, result));
+                let finish =
+                    finish.unwrap_or_else(|| Box::new(|_: Option<&StoreError>| {}) as Finisher);
+                replies.push(Reply::Exec(finish));
             }
         }
     }
     match tx.commit() {
-        Ok(()) => replies,
+        Ok(()) => (replies, None),
         Err(e) => {
             let error = unavailable(e);
             tracing::error!(%error, "commit failed; the whole batch is rolled back");
-            replies.into_iter().map(|r| r.fail(&error)).collect()
+            (replies, Some(error))
         }
+    }
+}
+
+/// A job of a batch whose transaction could not even begin.
+fn run_unbegun(job: Job, error: &StoreError) -> Reply {
+    match job {
+        Job::Write { reply, .. } => Reply::Write(
+            reply,
+            Err(WriteError::Store(StoreError::Unavailable(
+                error.to_string(),
+            ))),
+        ),
+        // Never run: dropping it drops its reply channel, which its caller reads as a 503.
+        Job::Exec(_) => Reply::Exec(Box::new(|_| {})),
     }
 }
 

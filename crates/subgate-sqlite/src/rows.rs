@@ -1,11 +1,15 @@
 //! SQL for the store's operations, shared by the readers and the writer.
 
+use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
+use subgate_core::events::NewEvent;
+use subgate_core::model::Environment;
 use subgate_core::model::{
     AppDefinition, Profile, ProfileDoc, ProfileKey, ProfileState, Transaction,
 };
 use subgate_core::store::{
-    Change, Counts, Decide, DetachedTransaction, Loaded, Lookup, Outcome, StoreError, WriteError,
+    ChainRef, Change, Counts, Decide, DeliveryResult, DeliveryState, DetachedTransaction,
+    DueExpiry, Loaded, Lookup, Outcome, StoreError, StoredEvent, WriteError,
 };
 use subgate_core::time::{from_micros, to_micros};
 use uuid::Uuid;
@@ -232,12 +236,14 @@ fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<
     let data = serde_json::to_string(t).map_err(|e| StoreError::Internal(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO transactions
-             (id, app_id, profile_id, store, store_transaction_id, store_original_transaction_id, data)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             (id, app_id, profile_id, store, store_transaction_id, store_original_transaction_id,
+              data, expiry_due_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (app_id, store, store_transaction_id) DO UPDATE SET
              profile_id = excluded.profile_id,
              store_original_transaction_id = excluded.store_original_transaction_id,
-             data = excluded.data",
+             data = excluded.data,
+             expiry_due_at = excluded.expiry_due_at",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -247,7 +253,32 @@ fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<
             t.store,
             t.store_transaction_id,
             t.store_original_transaction_id,
-            data
+            data,
+            t.expiry_due_at().map(|d| to_micros(&d))
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+fn insert_event(conn: &Connection, app_id: Uuid, e: &NewEvent) -> Result<(), StoreError> {
+    let payload =
+        serde_json::to_string(&e.payload).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let at = to_micros(&e.occurred_at);
+    conn.prepare_cached(
+        "INSERT INTO events (id, app_id, profile_id, event_type, environment, created_at, payload,
+             state, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            e.id.to_string(),
+            app_id.to_string(),
+            e.profile_id.to_string(),
+            e.event_type.as_str(),
+            e.environment.as_str(),
+            at,
+            payload
         ])
     })
     .map_err(storage)?;
@@ -266,10 +297,14 @@ pub fn write(
         Change::Save {
             state,
             transactions,
+            events,
         } => {
             save_profile(conn, &state)?;
             for t in &transactions {
                 save_transaction(conn, app_id, t)?;
+            }
+            for e in &events {
+                insert_event(conn, app_id, e)?;
             }
             Ok(Outcome::Saved(state))
         }
@@ -435,4 +470,219 @@ pub fn import(
         save_transaction(conn, d.app_id, &d.transaction)?;
     }
     Ok(())
+}
+
+pub fn due_expirations(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<DueExpiry>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT app_id, profile_id, store, store_transaction_id, store_original_transaction_id
+             FROM transactions
+             WHERE expiry_due_at <= ?1 AND profile_id IS NOT NULL
+             ORDER BY expiry_due_at LIMIT ?2",
+        )
+        .map_err(storage)?;
+    let rows = stmt
+        .query_map(params![to_micros(&now), limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                ChainRef {
+                    store: r.get(2)?,
+                    store_transaction_id: r.get(3)?,
+                    store_original_transaction_id: r.get(4)?,
+                },
+            ))
+        })
+        .map_err(storage)?;
+    rows.map(|row| {
+        let (app_id, profile_id, chain) = row.map_err(storage)?;
+        Ok(DueExpiry {
+            app_id: Uuid::parse_str(&app_id).map_err(|e| corrupt("app id", e))?,
+            profile_id: Uuid::parse_str(&profile_id).map_err(|e| corrupt("profile id", e))?,
+            chain,
+        })
+    })
+    .collect()
+}
+
+const EVENT_COLUMNS: &str = "seq, id, app_id, profile_id, event_type, environment, created_at,
+    payload, state, attempts, last_status, last_error, next_attempt_at, delivered_at";
+
+type EventRow = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    i32,
+    Option<i32>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+        r.get(12)?,
+        r.get(13)?,
+    ))
+}
+
+fn event_from(row: EventRow) -> Result<StoredEvent, StoreError> {
+    let (seq, id, app_id, profile_id, event_type, environment, created_at, payload, state) = (
+        row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8,
+    );
+    let uuid = |s: &str| Uuid::parse_str(s).map_err(|e| corrupt("event id", e));
+    Ok(StoredEvent {
+        id: uuid(&id)?,
+        seq,
+        app_id: uuid(&app_id)?,
+        profile_id: uuid(&profile_id)?,
+        event_type,
+        environment: Environment::parse(&environment)
+            .ok_or_else(|| corrupt("event environment", &environment))?,
+        created_at: from_micros(created_at),
+        payload: serde_json::from_str(&payload).map_err(|e| corrupt("event payload", e))?,
+        state: DeliveryState::parse(&state).ok_or_else(|| corrupt("event state", &state))?,
+        attempts: row.9,
+        last_status: row.10,
+        last_error: row.11,
+        next_attempt_at: row.12.map(from_micros),
+        delivered_at: row.13.map(from_micros),
+    })
+}
+
+fn collect_events(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let rows = stmt.query_map(params, event_row).map_err(storage)?;
+    rows.map(|row| event_from(row.map_err(storage)?)).collect()
+}
+
+pub fn claim_events(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    // One writer: no other claim can run between this SELECT's view and the UPDATE.
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "UPDATE events SET lease_until = ?2 WHERE seq IN (
+                 SELECT e.seq FROM events e
+                 WHERE e.state = 'pending' AND e.next_attempt_at <= ?1
+                   AND (e.lease_until IS NULL OR e.lease_until <= ?1)
+                   AND NOT EXISTS (SELECT 1 FROM events p
+                       WHERE p.app_id = e.app_id AND p.profile_id = e.profile_id
+                         AND p.state = 'pending' AND p.seq < e.seq)
+                 ORDER BY e.seq LIMIT ?3)
+             RETURNING {EVENT_COLUMNS}"
+        ))
+        .map_err(storage)?;
+    let mut events = collect_events(
+        &mut stmt,
+        params![to_micros(&now), to_micros(&lease_until), limit],
+    )?;
+    events.sort_by_key(|e| e.seq);
+    Ok(events)
+}
+
+pub fn finish_delivery(
+    conn: &Connection,
+    id: Uuid,
+    result: &DeliveryResult,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE events SET state = ?2, attempts = attempts + ?3, last_status = ?4,
+             last_error = ?5, next_attempt_at = ?6, lease_until = NULL,
+             delivered_at = CASE WHEN ?2 = 'delivered' THEN ?7 ELSE delivered_at END
+         WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id.to_string(),
+            result.state.as_str(),
+            i32::from(result.attempted),
+            result.status,
+            result.error,
+            result.next_attempt_at.map(|t| to_micros(&t)),
+            to_micros(&result.at)
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+pub fn list_events(
+    conn: &Connection,
+    app_id: Uuid,
+    profile_id: Option<Uuid>,
+    after_seq: Option<i64>,
+    limit: u32,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE app_id = ?1 AND (?2 IS NULL OR profile_id = ?2) AND seq > ?3
+             ORDER BY seq LIMIT ?4"
+        ))
+        .map_err(storage)?;
+    collect_events(
+        &mut stmt,
+        params![
+            app_id.to_string(),
+            profile_id.map(|p| p.to_string()),
+            after_seq.unwrap_or(0),
+            limit
+        ],
+    )
+}
+
+pub fn get_event(
+    conn: &Connection,
+    app_id: Uuid,
+    id: Uuid,
+) -> Result<Option<StoredEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE app_id = ?1 AND id = ?2"
+        ))
+        .map_err(storage)?;
+    Ok(collect_events(&mut stmt, params![app_id.to_string(), id.to_string()])?.pop())
+}
+
+pub fn redeliver(
+    conn: &Connection,
+    app_id: Uuid,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<StoredEvent>, StoreError> {
+    conn.prepare_cached(
+        "UPDATE events SET state = 'pending', next_attempt_at = ?3, lease_until = NULL
+         WHERE app_id = ?1 AND id = ?2",
+    )
+    .and_then(|mut s| s.execute(params![app_id.to_string(), id.to_string(), to_micros(&now)]))
+    .map_err(storage)?;
+    get_event(conn, app_id, id)
 }

@@ -4,7 +4,10 @@
 use rusqlite::Connection;
 use subgate_core::store::StoreError;
 
-const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../migrations/0001_init.sql")),
+    ("0002_events", include_str!("../migrations/0002_events.sql")),
+];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let internal = |e: rusqlite::Error| StoreError::Internal(format!("migration failed: {e}"));

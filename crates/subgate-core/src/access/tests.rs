@@ -63,6 +63,7 @@ fn sub(id: &str, seq: i64, from: u32, to: u32) -> Transaction {
         grace_period_expires_at: None,
         created_at: at(from),
         updated_at: at(from),
+        expiry_handled: false,
     }
 }
 

@@ -2,6 +2,7 @@
 //! (unknown routes, wrong methods, panics included).
 
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod input;
 pub mod v2;
@@ -59,6 +60,7 @@ pub const REQUEST_ID_HEADER: &str = "request-id";
 pub fn router(ctx: AppContext) -> Router {
     Router::new()
         .merge(v2::routes())
+        .merge(events::routes())
         .route("/health", get(health))
         .route("/ready", get(ready))
         .fallback(|| async { ErrorResponse(ApiError::new(ErrorCode::NotFound)) })

@@ -104,6 +104,7 @@ fn transaction(profile_id: Uuid, id: &str, original: &str, usd: i64) -> Transact
         grace_period_expires_at: None,
         created_at: at,
         updated_at: at,
+        expiry_handled: false,
     }
 }
 
@@ -163,6 +164,7 @@ async fn record(store: &dyn Store, cuid: &str, tx_id: &str, original: &str) -> O
                 Ok(Change::Save {
                     state,
                     transactions: vec![t],
+                    events: Vec::new(),
                 })
             }),
         )
@@ -318,6 +320,7 @@ async fn concurrent_writes_to_one_profile_are_never_lost(backend: Backend) {
                         Ok(Change::Save {
                             state,
                             transactions: Vec::new(),
+                            events: Vec::new(),
                         })
                     }),
                 )
