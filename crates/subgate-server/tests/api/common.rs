@@ -153,10 +153,10 @@ pub struct TestServer {
     _running: Running,
 }
 
-/// The test config, on `database_url`, listening on a free port.
-pub fn test_settings(dir: &std::path::Path, database_url: &str) -> Settings {
+/// `config`, on `database_url`, listening on a free port.
+pub fn settings_from(config: &str, dir: &std::path::Path, database_url: &str) -> Settings {
     let path = dir.join("subgate.toml");
-    std::fs::write(&path, CONFIG).unwrap();
+    std::fs::write(&path, config).unwrap();
     let overrides = subgate_server::config::Overrides {
         listen: Some("127.0.0.1:0".into()),
         database_url: Some(database_url.to_string()),
@@ -170,7 +170,11 @@ impl TestServer {
     }
 
     pub async fn start_on(db: TestDb) -> Self {
-        let settings = test_settings(db.dir.path(), &db.url);
+        Self::start_with(db, CONFIG).await
+    }
+
+    pub async fn start_with(db: TestDb, config: &str) -> Self {
+        let settings = settings_from(config, db.dir.path(), &db.url);
         let clock = Arc::new(ManualClock::new(start_of_test_time()));
         let running = subgate_server::start(&settings, clock.clone())
             .await

@@ -33,6 +33,8 @@ mod nodes;
 mod openapi;
 mod postgres_only;
 mod profile;
+mod receiver;
 mod restart;
 mod store_contract;
 mod transactions;
+mod webhooks;

@@ -24,9 +24,13 @@ fn free_port() -> u16 {
 impl Node {
     /// Starts `subgate serve` with the test config on `database_url` and waits until ready.
     pub async fn spawn(dir: &Path, database_url: &str) -> Node {
-        let config = dir.join("subgate.toml");
-        std::fs::write(&config, CONFIG).unwrap();
+        Self::spawn_with(dir, database_url, CONFIG).await
+    }
+
+    pub async fn spawn_with(dir: &Path, database_url: &str, config_text: &str) -> Node {
         let port = free_port();
+        let config = dir.join(format!("subgate-{port}.toml"));
+        std::fs::write(&config, config_text).unwrap();
         let log = dir.join(format!("node-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_subgate"))
             .args(["serve", "--config"])
