@@ -7,6 +7,8 @@ pub mod clock;
 pub mod currency;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fixtures;
 pub mod model;
 pub mod service;
 pub mod store;
