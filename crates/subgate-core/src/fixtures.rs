@@ -76,6 +76,7 @@ pub fn grant(seq: i64, from: u32, to: Option<u32>) -> Grant {
         expires_at: to.map(at),
         created_at: at(from),
         seq,
+        purchase: None,
     }
 }
 

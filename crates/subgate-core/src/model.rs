@@ -137,6 +137,21 @@ pub struct Grant {
     pub created_at: DateTime<Utc>,
     /// Write sequence number in the profile: a revoke caps only sources older than itself.
     pub seq: i64,
+    /// What the grant says it stands for (v1 grants may name a store purchase); shown in place
+    /// of the server-side product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purchase: Option<GrantPurchase>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantPurchase {
+    pub store: String,
+    pub vendor_product_id: String,
+    pub base_plan_id: Option<String>,
+    pub vendor_transaction_id: Option<String>,
+    pub vendor_original_transaction_id: Option<String>,
+    pub introductory_offer_type: Option<String>,
+    pub environment: Environment,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,8 @@ use crate::currency::Rates;
 use crate::error::{ApiError, ErrorCode};
 use crate::events::{EventBuilder, NewEvent};
 use crate::model::{
-    App, Grant, Profile, ProfileDoc, ProfileFields, ProfileKey, ProfileState, Revoke, Transaction,
+    App, Grant, GrantPurchase, Offer, Price, Profile, ProfileDoc, ProfileFields, ProfileKey,
+    ProfileState, PurchaseType, Revoke, Transaction,
 };
 use crate::store::{
     ChainRef, Change, Decide, DueExpiry, Loaded, Lookup, Outcome, Store, StoreError, WriteError,
@@ -134,6 +135,26 @@ pub struct RevokeInput {
     pub access_level_id: String,
     /// `None`: now.
     pub revoke_at: Option<DateTime<Utc>>,
+}
+
+/// How long a v1 grant lasts, by the v1 priority: lifetime, then a date, then days.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrantLength {
+    Lifetime,
+    Until(DateTime<Utc>),
+    /// Added to the level's current expiry, or to now when it is not active.
+    Days(i64),
+}
+
+/// A v1 grant: a length, an optional start, and optionally the store purchase it stands for
+/// (recorded as a transaction when it names a transaction id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantV1Input {
+    pub access_level_id: String,
+    pub length: GrantLength,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub purchase: Option<GrantPurchase>,
+    pub price: Option<Price>,
 }
 
 /// Which error an unknown profile is on a given route.
@@ -454,6 +475,7 @@ impl Services {
                 expires_at: input.expires_at,
                 created_at: now,
                 seq: next.profile.version,
+                purchase: None,
             });
             let events = access_events(&app_for_decide, before, &next, now, &input.access_level_id);
             Ok(Change::Save {
@@ -534,6 +556,311 @@ impl Services {
         .await
     }
 
+    /// v1 grant: a grant of the computed length and, when it names a store transaction, that
+    /// transaction too (recorded once; posting it again updates it).
+    pub async fn grant_v1(
+        &self,
+        app: &App,
+        who: &Identity,
+        input: GrantV1Input,
+    ) -> Result<ProfileState, ApiError> {
+        require_level(app, &input.access_level_id)?;
+        let now = self.now();
+        let starts_at = input.starts_at.unwrap_or(now);
+        if let GrantLength::Until(expires_at) = input.length {
+            if expires_at <= starts_at {
+                return Err(ApiError::invalid(
+                    "expires_at",
+                    "expires_at must be later than starts_at.",
+                ));
+            }
+        }
+        if let Some(purchase) = &input.purchase {
+            if !app.knows_store(&purchase.store) {
+                return Err(ApiError::invalid(
+                    "store",
+                    format!("Store `{}` is not configured for this app.", purchase.store),
+                ));
+            }
+        }
+        let chain = input.purchase.as_ref().and_then(|p| {
+            let id = p.vendor_transaction_id.clone()?;
+            Some(ChainRef {
+                store: p.store.clone(),
+                store_original_transaction_id: p
+                    .vendor_original_transaction_id
+                    .clone()
+                    .unwrap_or_else(|| id.clone()),
+                store_transaction_id: id,
+            })
+        });
+        let lookup = Lookup {
+            chain: chain.clone(),
+            ..who.existing_lookup()
+        };
+        let (grant_id, transaction_id) = (Uuid::new_v4(), Uuid::new_v4());
+        let app_for_decide = app.clone();
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let before = existing(loaded, Missing::NotFound)?;
+            let level = input.access_level_id.as_str();
+            let expires_at = match input.length {
+                GrantLength::Lifetime => None,
+                GrantLength::Until(t) => Some(t),
+                GrantLength::Days(days) => {
+                    let current = access::derive(&app_for_decide, before, now)
+                        .into_iter()
+                        .find(|v| v.access_level_id == level && v.is_active)
+                        .and_then(|v| v.expires_at);
+                    Some(current.unwrap_or(now).max(starts_at) + chrono::Duration::days(days))
+                }
+            };
+            let mut next = next_version(before, now);
+            let seq = next.profile.version;
+            next.profile.doc.grants.push(Grant {
+                id: grant_id,
+                access_level_id: level.to_string(),
+                starts_at,
+                expires_at,
+                created_at: now,
+                seq,
+                purchase: input.purchase.clone(),
+            });
+            let mut events = Vec::new();
+            let mut transactions = Vec::new();
+            if let (Some(chain), Some(purchase)) = (&chain, &input.purchase) {
+                let previous = loaded.related.iter().find(|t| {
+                    t.store == chain.store && t.store_transaction_id == chain.store_transaction_id
+                });
+                let price = input.price.clone().unwrap_or(Price {
+                    country: String::new(),
+                    currency: "USD".into(),
+                    value_micros: 0,
+                    usd_micros: 0,
+                });
+                let first_in_chain = !loaded.related.iter().any(|t| {
+                    t.same_chain(&chain.store, &chain.store_original_transaction_id)
+                        && t.store_transaction_id != chain.store_transaction_id
+                });
+                let offer_type = purchase.introductory_offer_type.clone().or_else(|| {
+                    (price.value_micros == 0 && first_in_chain && expires_at.is_some())
+                        .then(|| "free_trial".to_string())
+                });
+                let recorded = Transaction {
+                    id: previous.map_or(transaction_id, |p| p.id),
+                    profile_id: Some(next.profile.id),
+                    seq: previous.map_or(seq, |p| p.seq),
+                    purchase_type: if expires_at.is_some() {
+                        PurchaseType::Subscription
+                    } else {
+                        PurchaseType::OneTimePurchase
+                    },
+                    store: chain.store.clone(),
+                    environment: purchase.environment,
+                    store_product_id: purchase.vendor_product_id.clone(),
+                    store_base_plan_id: purchase.base_plan_id.clone(),
+                    store_transaction_id: chain.store_transaction_id.clone(),
+                    store_original_transaction_id: chain.store_original_transaction_id.clone(),
+                    offer: offer_type.map(|offer_type| Offer {
+                        category: "introductory".into(),
+                        offer_type,
+                        id: None,
+                    }),
+                    is_family_shared: false,
+                    price,
+                    purchased_at: starts_at,
+                    originally_purchased_at: Some(starts_at),
+                    expires_at,
+                    refunded_at: None,
+                    cancellation_reason: None,
+                    variation_id: None,
+                    renew_status: None,
+                    renew_status_changed_at: None,
+                    billing_issue_detected_at: None,
+                    grace_period_expires_at: None,
+                    created_at: previous.map_or(now, |p| p.created_at),
+                    updated_at: now,
+                    expiry_handled: false,
+                };
+                replace_or_push(&mut next.transactions, &recorded);
+                let chain_before: Vec<Transaction> = loaded.related.clone();
+                let mut builder = EventBuilder::new(&app_for_decide, &next, now);
+                builder.transaction_recorded(previous, &recorded, &chain_before);
+                events = builder.finish();
+                transactions.push(recorded);
+            }
+            let mut builder = EventBuilder::new(&app_for_decide, &next, now);
+            builder.access_changes(Some(before), Some(level));
+            events.extend(builder.finish());
+            Ok(Change::Save {
+                state: next,
+                transactions,
+                events,
+            })
+        });
+        self.write(app, lookup, decide, Missing::NotFound).await
+    }
+
+    /// v1 revoke: ends the level now (as a v2 revoke without a date) and, with `is_refund`,
+    /// refunds the transaction behind it so its revenue no longer counts.
+    pub async fn revoke_v1(
+        &self,
+        app: &App,
+        who: &Identity,
+        access_level_id: String,
+        is_refund: bool,
+    ) -> Result<ProfileState, ApiError> {
+        require_level(app, &access_level_id)?;
+        let now = self.now();
+        let app_for_decide = app.clone();
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let before = existing(loaded, Missing::NotFound)?;
+            let level = access_level_id.as_str();
+            if !access::has_ever_had(&app_for_decide, before, level) {
+                return Err(ApiError::with_message(
+                    ErrorCode::ProfilePaidAccessLevelDoesNotExist,
+                    format!(
+                        "Profile `{}` has no `{level}` access level",
+                        before.profile.id
+                    ),
+                ));
+            }
+            let linked = if is_refund {
+                linked_transaction(&app_for_decide, before, level, now)
+            } else {
+                None
+            };
+            let mut next = next_version(before, now);
+            next.profile.doc.revokes.push(Revoke {
+                access_level_id: level.to_string(),
+                revoke_at: now,
+                created_at: now,
+                seq: next.profile.version,
+            });
+            let mut transactions = Vec::new();
+            let mut events = Vec::new();
+            if let Some(previous) = linked {
+                let refunded = Transaction {
+                    refunded_at: Some(
+                        now.max(previous.purchased_at + chrono::Duration::microseconds(1)),
+                    ),
+                    cancellation_reason: Some("refund".into()),
+                    renew_status: previous.renew_status.map(|_| false),
+                    updated_at: now,
+                    ..previous.clone()
+                };
+                replace_or_push(&mut next.transactions, &refunded);
+                let mut builder = EventBuilder::new(&app_for_decide, &next, now);
+                builder.transaction_recorded(Some(&previous), &refunded, &[]);
+                events = builder.finish();
+                transactions.push(refunded);
+            }
+            let mut builder = EventBuilder::new(&app_for_decide, &next, now);
+            builder.access_changes(Some(before), Some(level));
+            events.extend(builder.finish());
+            Ok(Change::Save {
+                state: next,
+                transactions,
+                events,
+            })
+        });
+        self.write(app, who.existing_lookup(), decide, Missing::NotFound)
+            .await
+    }
+
+    /// Records a store's purchase history (e.g. a Stripe subscription's paid invoices) for the
+    /// user `customer_user_id`, creating the profile if needed, in one write: all of it or
+    /// nothing. A purchase already recorded is updated, never counted twice.
+    pub async fn import_purchases(
+        &self,
+        app: &App,
+        customer_user_id: &str,
+        chain: ChainRef,
+        purchases: Vec<Transaction>,
+    ) -> Result<ProfileState, ApiError> {
+        let now = self.now();
+        let app_id = app.id();
+        let new_profile_id = Uuid::new_v4();
+        let cuid = customer_user_id.to_string();
+        let lookup = Lookup {
+            profile_id: None,
+            customer_user_id: Some(cuid.clone()),
+            chain: Some(chain),
+        };
+        let app_for_decide = app.clone();
+        let decide: Decide = Box::new(move |loaded: &Loaded| {
+            let before = loaded.profile.clone();
+            let mut next = match &loaded.profile {
+                Some(state) => next_version(state, now),
+                None => ProfileState {
+                    profile: Profile {
+                        id: new_profile_id,
+                        app_id,
+                        customer_user_id: Some(cuid.clone()),
+                        version: 1,
+                        created_at: now,
+                        updated_at: now,
+                        doc: ProfileDoc::default(),
+                    },
+                    transactions: Vec::new(),
+                },
+            };
+            let profile_id = next.profile.id;
+            let seq = next.profile.version;
+            let mut chain_so_far = loaded.related.clone();
+            let mut changed = Vec::new();
+            let mut events = Vec::new();
+            for purchase in &purchases {
+                let previous = chain_so_far
+                    .iter()
+                    .find(|t| {
+                        t.store == purchase.store
+                            && t.store_transaction_id == purchase.store_transaction_id
+                    })
+                    .cloned();
+                let mut recorded = Transaction {
+                    id: previous.as_ref().map_or(purchase.id, |p| p.id),
+                    profile_id: Some(profile_id),
+                    seq: previous.as_ref().map_or(seq, |p| p.seq),
+                    created_at: previous.as_ref().map_or(now, |p| p.created_at),
+                    updated_at: now,
+                    ..purchase.clone()
+                };
+                recorded.expiry_handled = previous.as_ref().is_some_and(|p| {
+                    p.expiry_handled && p.expiry_due_at() == recorded.expiry_due_at()
+                });
+                if let Some(p) = &previous {
+                    let unchanged = Transaction {
+                        updated_at: p.updated_at,
+                        ..recorded.clone()
+                    };
+                    if unchanged == *p {
+                        continue;
+                    }
+                }
+                replace_or_push(&mut next.transactions, &recorded);
+                // Events see the profile with this purchase in it, and the chain before it.
+                let mut builder = EventBuilder::new(&app_for_decide, &next, now);
+                builder.transaction_recorded(previous.as_ref(), &recorded, &chain_so_far);
+                events.extend(builder.finish());
+                replace_or_push(&mut chain_so_far, &recorded);
+                changed.push(recorded);
+            }
+            if changed.is_empty() && before.is_some() {
+                return Ok(Change::Keep);
+            }
+            let mut builder = EventBuilder::new(&app_for_decide, &next, now);
+            builder.access_changes(before.as_ref(), None);
+            events.extend(builder.finish());
+            Ok(Change::Save {
+                state: next,
+                transactions: changed,
+                events,
+            })
+        });
+        let outcome = self.store.write(app.id(), lookup, decide).await?;
+        saved(outcome, Missing::NotFound)
+    }
+
     /// Deals with a subscription period that has ended: marks it handled and, when it was the
     /// last period of its chain, fires `subscription_expired` (or `trial_expired`) and the
     /// `access_level_updated` of the level it gave, if that level has now run out.
@@ -593,6 +920,41 @@ impl Services {
         });
         self.store.write(app.id(), lookup, decide).await?;
         Ok(())
+    }
+}
+
+/// Replaces the transaction with the same store id, in place, or appends it.
+fn replace_or_push(transactions: &mut Vec<Transaction>, t: &Transaction) {
+    match transactions
+        .iter_mut()
+        .find(|old| old.store == t.store && old.store_transaction_id == t.store_transaction_id)
+    {
+        Some(old) => *old = t.clone(),
+        None => transactions.push(t.clone()),
+    }
+}
+
+/// The transaction behind a level now: its source, or the purchase a v1 grant named.
+fn linked_transaction(
+    app: &App,
+    state: &ProfileState,
+    level: &str,
+    now: DateTime<Utc>,
+) -> Option<Transaction> {
+    let view = access::derive(app, state, now)
+        .into_iter()
+        .find(|v| v.access_level_id == level)?;
+    match view.source {
+        access::Source::Transaction(t) => Some(t.clone()),
+        access::Source::Grant(g) => {
+            let purchase = g.purchase.as_ref()?;
+            let id = purchase.vendor_transaction_id.as_deref()?;
+            state
+                .transactions
+                .iter()
+                .find(|t| t.store == purchase.store && t.store_transaction_id == id)
+                .cloned()
+        }
     }
 }
 

@@ -96,6 +96,21 @@ pub struct AppSettings {
     /// Where this app's events are sent; without it they are only kept for the event feed.
     #[serde(default)]
     pub webhook: Option<WebhookSettings>,
+    /// The app's Stripe account, for validating Stripe purchases.
+    #[serde(default)]
+    pub stripe: Option<StripeSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StripeSettings {
+    pub secret_key: String,
+    /// Overridable, e.g. for a local Stripe stand-in.
+    #[serde(default = "default_stripe_api_base")]
+    pub api_base: String,
+}
+
+fn default_stripe_api_base() -> String {
+    "https://api.stripe.com".to_string()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +329,14 @@ impl Settings {
             }
         }
         for app in &self.apps {
+            if let Some(stripe) = &app.stripe {
+                if stripe.secret_key.trim().is_empty() {
+                    bail!("app `{}`, [apps.stripe]: secret_key is empty", app.name);
+                }
+                reqwest::Url::parse(&stripe.api_base).with_context(|| {
+                    format!("app `{}`, [apps.stripe]: api_base is not a URL", app.name)
+                })?;
+            }
             if let Some(webhook) = &app.webhook {
                 webhook
                     .validate()

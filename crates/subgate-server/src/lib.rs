@@ -3,6 +3,7 @@
 pub mod config;
 pub mod copy;
 pub mod http;
+pub mod stripe;
 pub mod webhooks;
 
 use anyhow::{bail, Context as _};
@@ -123,7 +124,13 @@ pub async fn start_with_store(
         .context("saving the configured apps")?;
     let mut apps = AppRegistry::default();
     let mut app_list = Vec::new();
+    let mut stripe = std::collections::HashMap::new();
     for (app, definition) in settings.apps.iter().zip(definitions) {
+        if let Some(account) = &app.stripe {
+            let client = stripe::StripeClient::new(&account.api_base, &account.secret_key)
+                .context("setting up the Stripe client")?;
+            stripe.insert(definition.id, client);
+        }
         let built = Arc::new(App::new(definition));
         apps.insert(Arc::clone(&built), &app.public_keys, &app.secret_keys);
         app_list.push(built);
@@ -135,7 +142,11 @@ pub async fn start_with_store(
     };
     let worker = webhooks::Worker::new(settings, services.clone(), &app_list)
         .context("setting up webhook delivery")?;
-    let ctx = Arc::new(Context { services, apps });
+    let ctx = Arc::new(Context {
+        services,
+        apps,
+        stripe,
+    });
     let listener = TcpListener::bind(&settings.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.server.listen))?;

@@ -5,6 +5,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod input;
+pub mod v1;
 pub mod v2;
 pub mod wire;
 
@@ -51,6 +52,8 @@ impl AppRegistry {
 pub struct Context {
     pub services: Services,
     pub apps: AppRegistry,
+    /// Per app with a Stripe account configured.
+    pub stripe: HashMap<uuid::Uuid, crate::stripe::StripeClient>,
 }
 
 pub type AppContext = Arc<Context>;
@@ -60,6 +63,7 @@ pub const REQUEST_ID_HEADER: &str = "request-id";
 pub fn router(ctx: AppContext) -> Router {
     Router::new()
         .merge(v2::routes())
+        .merge(v1::routes())
         .merge(events::routes())
         .route("/health", get(health))
         .route("/ready", get(ready))

@@ -5,12 +5,12 @@ use serde_json::{json, Map, Value};
 use subgate_core::access::{self, AccessLevelView, Source};
 use subgate_core::currency;
 use subgate_core::model::{
-    App, AttributeValue, Offer, ProductKind, ProfileState, PurchaseType, Transaction,
+    App, AttributeValue, Grant, Offer, ProductKind, ProfileState, PurchaseType, Transaction,
     GRANT_PRODUCT_ID, GRANT_STORE,
 };
 use subgate_core::time::format_v2;
 
-fn date(dt: Option<DateTime<Utc>>) -> Value {
+pub(crate) fn date(dt: Option<DateTime<Utc>>) -> Value {
     dt.map_or(Value::Null, |d| Value::String(format_v2(&d)))
 }
 
@@ -21,7 +21,7 @@ fn offer(o: &Option<Offer>) -> Value {
     }
 }
 
-fn attribute_value(v: &AttributeValue) -> Value {
+pub(crate) fn attribute_value(v: &AttributeValue) -> Value {
     match v {
         AttributeValue::Number(n) => json!(n),
         AttributeValue::Text(s) => json!(s),
@@ -49,21 +49,62 @@ fn access_level(level: &AccessLevelView<'_>) -> Value {
             );
             fields
         }
-        Source::Grant(g) => json!({
-            "store": GRANT_STORE,
-            "store_product_id": GRANT_PRODUCT_ID,
-            "store_base_plan_id": Value::Null,
-            "store_transaction_id": g.id.simple().to_string(),
-            "store_original_transaction_id": g.id.simple().to_string(),
+        Source::Grant(g) => {
+            let id = grant_identity(g);
+            json!({
+            "store": id.store,
+            "store_product_id": id.product,
+            "store_base_plan_id": id.base_plan,
+            "store_transaction_id": id.transaction,
+            "store_original_transaction_id": id.original_transaction,
             "offer": Value::Null,
-            "environment": "Production",
+            "environment": id.environment,
             "starts_at": date(Some(g.starts_at)),
             "purchased_at": date(Some(g.created_at)),
             "originally_purchased_at": date(Some(level.activated_at.min(g.created_at))),
-        }),
+            })
+        }
     };
     merge(&mut v, source);
     v
+}
+
+/// How a grant presents itself: the server-side product, or the store purchase a v1 grant named.
+pub struct GrantIdentity<'a> {
+    pub store: &'a str,
+    pub product: &'a str,
+    pub base_plan: Option<&'a str>,
+    pub transaction: String,
+    pub original_transaction: String,
+    pub environment: &'static str,
+}
+
+pub fn grant_identity(g: &Grant) -> GrantIdentity<'_> {
+    let own_id = g.id.simple().to_string();
+    match &g.purchase {
+        None => GrantIdentity {
+            store: GRANT_STORE,
+            product: GRANT_PRODUCT_ID,
+            base_plan: None,
+            transaction: own_id.clone(),
+            original_transaction: own_id,
+            environment: "Production",
+        },
+        Some(p) => {
+            let transaction = p.vendor_transaction_id.clone().unwrap_or(own_id);
+            GrantIdentity {
+                store: &p.store,
+                product: &p.vendor_product_id,
+                base_plan: p.base_plan_id.as_deref(),
+                original_transaction: p
+                    .vendor_original_transaction_id
+                    .clone()
+                    .unwrap_or_else(|| transaction.clone()),
+                transaction,
+                environment: p.environment.as_str(),
+            }
+        }
+    }
 }
 
 /// What identifies a purchase, shared by access levels and subscriptions.
@@ -87,7 +128,9 @@ fn merge(into: &mut Value, from: Value) {
 }
 
 /// The latest transaction of each subscription chain, in the order the chains began.
-fn latest_of_each_chain(transactions: &[Transaction]) -> Vec<(&Transaction, DateTime<Utc>)> {
+pub(crate) fn latest_of_each_chain(
+    transactions: &[Transaction],
+) -> Vec<(&Transaction, DateTime<Utc>)> {
     let mut chains: Vec<(&Transaction, DateTime<Utc>)> = Vec::new();
     for t in transactions
         .iter()
@@ -149,7 +192,7 @@ fn non_subscription(app: &App, t: &Transaction) -> Value {
 }
 
 /// The personal fields, returned too: v2 always answers with the complete profile.
-fn personal_fields(state: &ProfileState) -> Map<String, Value> {
+pub(crate) fn personal_fields(state: &ProfileState) -> Map<String, Value> {
     let doc = &state.profile.doc;
     let f = &doc.fields;
     let mut installation = doc.installation_meta.clone();
