@@ -37,4 +37,5 @@ mod receiver;
 mod restart;
 mod store_contract;
 mod transactions;
+mod v1;
 mod webhooks;
