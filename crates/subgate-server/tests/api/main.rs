@@ -36,6 +36,7 @@ mod profile;
 mod receiver;
 mod restart;
 mod store_contract;
+mod stripe;
 mod transactions;
 mod v1;
 mod webhooks;
