@@ -236,8 +236,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Records an attempt's outcome and releases the lease.
-    async fn finish_delivery(&self, id: Uuid, result: DeliveryResult) -> Result<(), StoreError>;
+    /// Records attempts' outcomes and releases their leases, in one transaction.
+    async fn finish_deliveries(
+        &self,
+        results: Vec<(Uuid, DeliveryResult)>,
+    ) -> Result<(), StoreError>;
 
     /// An app's events (one profile's, if given), oldest first, after the cursor `after_seq`.
     async fn list_events(

@@ -340,10 +340,21 @@ impl Store for PgStore {
         .await
     }
 
-    async fn finish_delivery(&self, id: Uuid, result: DeliveryResult) -> Result<(), StoreError> {
+    async fn finish_deliveries(
+        &self,
+        results: Vec<(Uuid, DeliveryResult)>,
+    ) -> Result<(), StoreError> {
         bounded("a delivery update", async {
-            let client = self.client().await?;
-            rows::finish_delivery(&client, id, &result).await
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(classify)?;
+            // Sent together: tokio-postgres pipelines queries polled at once.
+            futures_util::future::try_join_all(
+                results
+                    .iter()
+                    .map(|(id, result)| rows::finish_delivery(&tx, *id, result)),
+            )
+            .await?;
+            tx.commit().await.map_err(classify)
         })
         .await
     }

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Events leased per round; a round sends them concurrently (they are of distinct profiles).
-const BATCH: u32 = 32;
+const BATCH: u32 = 256;
 /// Expired periods dealt with per round.
 const EXPIRY_BATCH: u32 = 100;
 
@@ -184,7 +184,18 @@ impl Worker {
             .await
         {
             Ok(events) if !events.is_empty() => {
-                futures_util::future::join_all(events.into_iter().map(|e| self.deliver(e))).await;
+                let results =
+                    futures_util::future::join_all(events.iter().map(|e| self.deliver(e))).await;
+                let ids = events.iter().map(|e| e.id);
+                if let Err(e) = self
+                    .services
+                    .store
+                    .finish_deliveries(ids.zip(results).collect())
+                    .await
+                {
+                    // The leases run out and the events are sent again: at least once.
+                    tracing::warn!(error = %e, "delivery outcomes not recorded");
+                }
                 busy = true;
             }
             Ok(_) => {}
@@ -193,9 +204,9 @@ impl Worker {
         busy
     }
 
-    async fn deliver(&self, event: StoredEvent) {
+    async fn deliver(&self, event: &StoredEvent) -> DeliveryResult {
         let endpoint = self.apps.get(&event.app_id).and_then(|(_, e)| e.as_ref());
-        let result = match endpoint {
+        match endpoint {
             None => DeliveryResult {
                 state: DeliveryState::NoEndpoint,
                 status: None,
@@ -204,11 +215,7 @@ impl Worker {
                 at: self.services.now(),
                 attempted: false,
             },
-            Some(endpoint) => self.attempt(endpoint, &event).await,
-        };
-        if let Err(e) = self.services.store.finish_delivery(event.id, result).await {
-            // The lease runs out and the event is sent again: at least once, never lost.
-            tracing::warn!(event = %event.id, error = %e, "delivery outcome not recorded");
+            Some(endpoint) => self.attempt(endpoint, event).await,
         }
     }
 

@@ -21,6 +21,8 @@ CREATE TABLE events (
     lease_until INTEGER
 );
 
-CREATE INDEX events_pending ON events (next_attempt_at) WHERE state = 'pending';
+-- Only pending events are ever searched for delivery, in order, and per profile for ordering.
+CREATE INDEX events_pending ON events (seq) WHERE state = 'pending';
+CREATE INDEX events_pending_profile ON events (app_id, profile_id, seq) WHERE state = 'pending';
 CREATE INDEX events_profile ON events (app_id, profile_id, seq);
 CREATE INDEX events_app ON events (app_id, seq);

@@ -259,9 +259,16 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn finish_delivery(&self, id: Uuid, result: DeliveryResult) -> Result<(), StoreError> {
-        self.exec(move |conn| rows::finish_delivery(conn, id, &result))
-            .await
+    async fn finish_deliveries(
+        &self,
+        results: Vec<(Uuid, DeliveryResult)>,
+    ) -> Result<(), StoreError> {
+        self.exec(move |conn| {
+            results
+                .iter()
+                .try_for_each(|(id, result)| rows::finish_delivery(conn, *id, result))
+        })
+        .await
     }
 
     async fn list_events(

@@ -162,9 +162,13 @@ fn load(conn: &Connection, app_id: Uuid, lookup: &Lookup) -> Result<Loaded, Stor
         Some(chain) => {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT profile_id, data FROM transactions
-                     WHERE app_id = ?1 AND store = ?2
-                       AND (store_original_transaction_id = ?3 OR store_transaction_id = ?4)
+                    // Two index lookups; with OR, SQLite scans every transaction of the store.
+                    "SELECT profile_id, data FROM transactions WHERE rowid IN (
+                         SELECT rowid FROM transactions
+                         WHERE app_id = ?1 AND store = ?2 AND store_original_transaction_id = ?3
+                         UNION
+                         SELECT rowid FROM transactions
+                         WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?4)
                      ORDER BY rowid",
                 )
                 .map_err(storage)?;

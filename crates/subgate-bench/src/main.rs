@@ -1,0 +1,329 @@
+//! `subgate-bench`: for each backend and size, seeds a database, starts the release `subgate`
+//! binary on it as its own process, drives it over loopback from this process, and reports
+//! requests/s, latency percentiles and the server's peak memory, as a table and as JSON.
+
+mod load;
+mod seed;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use load::{Outcome, Scenario, Target};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use subgate_server::config::{DatabaseSettings, Overrides, Settings};
+
+const SECRET_KEY: &str = "secret_bench_key";
+
+const CONFIG: &str = r#"
+[[apps]]
+id = "6a0c2f5e-1b7d-4c3e-9f21-0d5b8e7a4c11"
+name = "Bench"
+secret_keys = ["secret_bench_key"]
+
+[[apps.access_levels]]
+id = "premium"
+
+[[apps.access_levels]]
+id = "pro"
+
+[[apps.products]]
+id = "monthly"
+access_level_id = "premium"
+type = "subscription"
+store_product_ids = { app_store = "com.bench.monthly" }
+
+[[apps.products]]
+id = "lifetime"
+access_level_id = "premium"
+type = "one_time"
+store_product_ids = { app_store = "com.bench.lifetime" }
+
+[[apps.products]]
+id = "coins"
+type = "consumable"
+store_product_ids = { app_store = "com.bench.coins" }
+"#;
+
+/// Seeds a database, starts the real server on it and measures it over loopback HTTP.
+#[derive(Parser)]
+#[command(about)]
+struct Args {
+    /// Backends to measure: sqlite, postgres.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    backends: Vec<String>,
+    /// Seeded profile counts.
+    #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
+    sizes: Vec<u64>,
+    /// Open connections of the load generator.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measured seconds per scenario (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,get_profile,set_transaction,grant,mixed"
+    )]
+    scenarios: Vec<String>,
+    /// PostgreSQL database; each size gets its own schema there, recreated.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    postgres_url: String,
+    /// Where the SQLite files, configs and logs go.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    /// The JSON report.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+}
+
+struct Server {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Server {
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("subgate");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --bins)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+async fn start_server(dir: &Path, config: &Path, url: &str) -> anyhow::Result<Server> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let log = std::fs::File::create(dir.join(format!("server-{port}.log")))?;
+    let child = Command::new(server_binary()?)
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &addr.to_string(), "--database-url", url])
+        .env("SUBGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let mut server = Server { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = server.child.try_wait()? {
+            bail!("the server exited ({status}); see {}", dir.display());
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(server);
+        }
+        if Instant::now() > deadline {
+            bail!("the server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fresh database URL for `backend` at `size`.
+async fn fresh_database(args: &Args, backend: &str, size: u64) -> anyhow::Result<String> {
+    match backend {
+        "sqlite" => {
+            let path = args.dir.join(format!("bench-{size}.db"));
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+            Ok(format!("sqlite://{}", path.display()))
+        }
+        "postgres" => {
+            let schema = format!("subgate_bench_{size}");
+            let (client, connection) =
+                tokio_postgres::connect(&args.postgres_url, tokio_postgres::NoTls)
+                    .await
+                    .with_context(|| format!("connecting to {}", args.postgres_url))?;
+            tokio::spawn(connection);
+            client
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+                ))
+                .await?;
+            let separator = if args.postgres_url.contains('?') {
+                '&'
+            } else {
+                '?'
+            };
+            Ok(format!(
+                "{}{separator}options=-csearch_path%3D{schema}",
+                args.postgres_url
+            ))
+        }
+        other => bail!("unknown backend `{other}` (sqlite or postgres)"),
+    }
+}
+
+fn row(backend: &str, size: u64, name: &str, outcome: &Outcome, baseline: Option<f64>) -> Value {
+    json!({
+        "backend": backend,
+        "profiles": size,
+        "scenario": name,
+        "requests_per_second": outcome.rate().round(),
+        "ratio_to_baseline": baseline.map(|b| (outcome.rate() / b * 1000.0).round() / 1000.0),
+        "p50_ms": outcome.percentile_ms(0.5),
+        "p99_ms": outcome.percentile_ms(0.99),
+        "p999_ms": outcome.percentile_ms(0.999),
+        "errors": outcome.errors,
+    })
+}
+
+fn print_row(r: &Value) {
+    println!(
+        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>6}",
+        r["backend"].as_str().unwrap_or(""),
+        r["profiles"],
+        r["scenario"].as_str().unwrap_or(""),
+        r["requests_per_second"],
+        r["ratio_to_baseline"]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.2}")),
+        r["p50_ms"].as_f64().unwrap_or(0.0),
+        r["p99_ms"].as_f64().unwrap_or(0.0),
+        r["p999_ms"].as_f64().unwrap_or(0.0),
+        r["errors"],
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.dir)?;
+    let scenarios = args
+        .scenarios
+        .iter()
+        .map(|s| Scenario::parse(s).with_context(|| format!("unknown scenario `{s}`")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let config_path = args.dir.join("bench.toml");
+    std::fs::write(&config_path, CONFIG)?;
+    let warmup = Duration::from_secs(1);
+    let duration = Duration::from_secs(args.duration);
+    let mut rows = Vec::new();
+    let mut servers = Vec::new();
+    println!(
+        "concurrency {}, {} s per scenario; latencies in ms",
+        args.concurrency, args.duration
+    );
+    println!(
+        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6}",
+        "backend", "profiles", "scenario", "req/s", "x base", "p50", "p99", "p99.9", "errors"
+    );
+    for backend in &args.backends {
+        for &size in &args.sizes {
+            let url = fresh_database(&args, backend, size).await?;
+            let settings = Settings::load(
+                Some(&config_path),
+                &Overrides {
+                    listen: None,
+                    database_url: Some(url.clone()),
+                },
+            )?;
+            let app = settings.apps[0].definition();
+            let seconds = {
+                let store = subgate_server::open_store(&DatabaseSettings {
+                    url: url.clone(),
+                    max_connections: 8,
+                })
+                .await?;
+                store.put_apps(std::slice::from_ref(&app)).await?;
+                eprintln!("{backend}: seeding {size} profiles");
+                let seconds = seed::seed(&*store, app.id, size).await?;
+                drop(store);
+                seconds
+            };
+            eprintln!(
+                "{backend}: seeded {size} profiles in {seconds:.1} s ({:.0}/s)",
+                size as f64 / seconds
+            );
+            // Let the seeding store's connections close before the server opens its own.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let server = start_server(&args.dir, &config_path, &url).await?;
+            let target = Arc::new(Target {
+                addr: server.addr,
+                secret_key: SECRET_KEY.to_string(),
+                profiles: size,
+            });
+            let mut baseline = None;
+            for &scenario in &scenarios {
+                let outcome =
+                    load::run(&target, scenario, args.concurrency, warmup, duration, None).await?;
+                if scenario == Scenario::Baseline {
+                    baseline = Some(outcome.rate());
+                }
+                let r = row(backend, size, scenario.name(), &outcome, baseline);
+                print_row(&r);
+                rows.push(r);
+                if scenario == Scenario::GetProfile {
+                    // Latency at half the peak rate: what a user sees when the server has room.
+                    let half = outcome.rate() / 2.0;
+                    let paced = load::run(
+                        &target,
+                        scenario,
+                        args.concurrency,
+                        warmup,
+                        duration,
+                        Some(half),
+                    )
+                    .await?;
+                    let r = row(backend, size, "get_profile@50%", &paced, baseline);
+                    print_row(&r);
+                    rows.push(r);
+                }
+            }
+            let rss = server.peak_rss_kib();
+            println!(
+                "{backend:<9} {size:>8} server peak RSS {} MiB; seeding {:.0} profiles/s",
+                rss.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+                size as f64 / seconds
+            );
+            servers.push(json!({
+                "backend": backend,
+                "profiles": size,
+                "peak_rss_mib": rss.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0),
+                "seed_seconds": (seconds * 10.0).round() / 10.0,
+            }));
+        }
+    }
+    let report = json!({
+        "date": chrono::Utc::now().to_rfc3339(),
+        "concurrency": args.concurrency,
+        "duration_seconds": args.duration,
+        "results": rows,
+        "servers": servers,
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("written {}", args.out.display());
+    Ok(())
+}
