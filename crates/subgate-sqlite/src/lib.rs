@@ -14,6 +14,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
@@ -45,7 +48,18 @@ enum Job {
     Exec(ExecJob),
 }
 
+/// Each store's id, so the per-thread reader connections of one store never serve another
+/// (tests run many stores in one process).
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// A reader connection per runtime thread and store: a point read runs right on the
+    /// calling thread, with no hand-off to a blocking pool (which costs more than the read).
+    static INLINE_READERS: RefCell<HashMap<u64, Connection>> = RefCell::new(HashMap::new());
+}
+
 pub struct SqliteStore {
+    id: u64,
     path: PathBuf,
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<Connection>>>,
@@ -98,6 +112,7 @@ impl SqliteStore {
             .spawn(move || writer_loop(writer_conn, rx))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             path,
             writer: tx,
             readers: Arc::new(Mutex::new(readers)),
@@ -130,6 +145,24 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+    }
+
+    /// Runs a short read on this thread's own connection. Only for point reads: it blocks the
+    /// async worker for its duration (tens of microseconds).
+    fn read_inline<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        INLINE_READERS.with(|cell| {
+            let mut readers = cell.borrow_mut();
+            let conn = match readers.entry(self.id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(open_connection(&self.path)?)
+                }
+            };
+            f(conn)
+        })
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
@@ -175,9 +208,7 @@ impl Store for SqliteStore {
         app_id: Uuid,
         key: &ProfileKey,
     ) -> Result<Option<ProfileState>, StoreError> {
-        let key = key.clone();
-        self.read(move |conn| rows::load_profile(conn, app_id, &key))
-            .await
+        self.read_inline(|conn| rows::load_profile(conn, app_id, key))
     }
 
     async fn write(
