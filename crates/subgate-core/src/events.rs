@@ -60,6 +60,8 @@ pub struct NewEvent {
     pub occurred_at: DateTime<Utc>,
     /// The body Adapty would send, with the event's own name in `event_type`.
     pub payload: Value,
+    /// Whether a webhook should send it (the app has one).
+    pub deliver: bool,
 }
 
 pub fn is_trial(t: &Transaction) -> bool {
@@ -223,7 +225,8 @@ impl<'a> EventBuilder<'a> {
         transaction: Option<&Transaction>,
         level: Option<&AccessLevelView<'_>>,
     ) {
-        let id = Uuid::new_v4();
+        // Time-ordered, so the id index of the outbox only ever grows at its end.
+        let id = Uuid::now_v7();
         let state = self.state;
         let profile = &state.profile;
         let environment = transaction
@@ -283,6 +286,7 @@ impl<'a> EventBuilder<'a> {
             environment,
             occurred_at: now,
             payload,
+            deliver: self.app.has_webhook,
         });
     }
 

@@ -50,6 +50,9 @@ pub struct AppDefinition {
 pub struct App {
     pub definition: AppDefinition,
     products_by_store_id: HashMap<(String, String), usize>,
+    /// Whether the app has a webhook: events of an app without one are stored as already
+    /// settled (`no_endpoint`) rather than queued for a worker to settle one by one.
+    pub has_webhook: bool,
 }
 
 impl App {
@@ -72,7 +75,13 @@ impl App {
         Self {
             definition,
             products_by_store_id,
+            has_webhook: false,
         }
+    }
+
+    pub fn with_webhook(mut self, has_webhook: bool) -> Self {
+        self.has_webhook = has_webhook;
+        self
     }
 
     pub fn id(&self) -> Uuid {

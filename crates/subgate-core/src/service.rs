@@ -346,7 +346,8 @@ impl Services {
     ) -> Result<ProfileState, ApiError> {
         let valid = transaction::validate(input, app, &self.rates)?;
         let now = self.now();
-        let new_id = Uuid::new_v4();
+        // Time-ordered ids keep the id index append-only instead of touching a random page.
+        let new_id = Uuid::now_v7();
         let chain = ChainRef {
             store: valid.input.store.clone(),
             store_transaction_id: valid.input.store_transaction_id.clone(),
@@ -598,7 +599,7 @@ impl Services {
             chain: chain.clone(),
             ..who.existing_lookup()
         };
-        let (grant_id, transaction_id) = (Uuid::new_v4(), Uuid::new_v4());
+        let (grant_id, transaction_id) = (Uuid::new_v4(), Uuid::now_v7());
         let app_for_decide = app.clone();
         let decide: Decide = Box::new(move |loaded: &Loaded| {
             let before = existing(loaded, Missing::NotFound)?;

@@ -131,7 +131,7 @@ pub async fn start_with_store(
                 .context("setting up the Stripe client")?;
             stripe.insert(definition.id, client);
         }
-        let built = Arc::new(App::new(definition));
+        let built = Arc::new(App::new(definition).with_webhook(app.webhook.is_some()));
         apps.insert(Arc::clone(&built), &app.public_keys, &app.secret_keys);
         app_list.push(built);
     }

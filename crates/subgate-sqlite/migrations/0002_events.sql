@@ -21,8 +21,8 @@ CREATE TABLE events (
     lease_until INTEGER
 );
 
--- Only pending events are ever searched for delivery, in order, and per profile for ordering.
+-- Few indexes: every one is written for every event. Delivery searches pending events in
+-- order (a small partial index) and a profile's earlier events; the feed lists by profile, or
+-- by app along the primary key.
 CREATE INDEX events_pending ON events (seq) WHERE state = 'pending';
-CREATE INDEX events_pending_profile ON events (app_id, profile_id, seq) WHERE state = 'pending';
 CREATE INDEX events_profile ON events (app_id, profile_id, seq);
-CREATE INDEX events_app ON events (app_id, seq);

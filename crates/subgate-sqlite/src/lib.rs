@@ -13,10 +13,10 @@ mod schema;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
-use std::path::{Path, PathBuf};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
@@ -59,6 +59,8 @@ thread_local! {
 }
 
 pub struct SqliteStore {
+    /// Tells the checkpoint thread to finish.
+    stop: Arc<AtomicBool>,
     id: u64,
     path: PathBuf,
     writer: mpsc::Sender<Job>,
@@ -86,7 +88,8 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA busy_timeout = 5000;
-         PRAGMA foreign_keys = ON;",
+         PRAGMA foreign_keys = ON;
+         PRAGMA temp_store = MEMORY;",
     )
     .map_err(unavailable)?;
     conn.set_prepared_statement_cache_capacity(64);
@@ -103,6 +106,22 @@ impl SqliteStore {
         }
         let mut writer_conn = open_connection(&path)?;
         schema::migrate(&mut writer_conn)?;
+        // The writer touches pages all over the indexes; reading them back through syscalls
+        // showed in profiles. 32 MiB keeps the hot part in memory. Checkpoints (copying the
+        // WAL into the database file, a tenth of the writer's time in profiles) run on their
+        // own thread instead of inside the writer's commits.
+        writer_conn
+            .execute_batch("PRAGMA cache_size = -32768; PRAGMA wal_autocheckpoint = 0;")
+            .map_err(unavailable)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let checkpointer = open_connection(&path)?;
+        let stop_checkpoints = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("subgate-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, &stop_checkpoints))
+            .map_err(|e| {
+                StoreError::Internal(format!("cannot start the checkpoint thread: {e}"))
+            })?;
         let readers = (0..READERS)
             .map(|_| open_connection(&path))
             .collect::<Result<Vec<_>, _>>()?;
@@ -112,6 +131,7 @@ impl SqliteStore {
             .spawn(move || writer_loop(writer_conn, rx))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
+            stop,
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             path,
             writer: tx,
@@ -355,6 +375,27 @@ impl Reply {
             Reply::Exec(finish) => finish(commit_error),
         }
     }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How often the WAL is copied into the database file. A passive checkpoint never blocks the
+/// writer or the readers; it copies what it can.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn checkpoint_loop(conn: Connection, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "checkpoint failed; will retry");
+        }
+    }
+    // A last full one, so a stopped store leaves a short WAL behind.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {

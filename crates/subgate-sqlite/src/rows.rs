@@ -265,6 +265,14 @@ fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<
     Ok(())
 }
 
+fn initial_state(e: &NewEvent) -> DeliveryState {
+    if e.deliver {
+        DeliveryState::Pending
+    } else {
+        DeliveryState::NoEndpoint
+    }
+}
+
 fn insert_event(conn: &Connection, app_id: Uuid, e: &NewEvent) -> Result<(), StoreError> {
     let payload =
         serde_json::to_string(&e.payload).map_err(|e| StoreError::Internal(e.to_string()))?;
@@ -272,7 +280,7 @@ fn insert_event(conn: &Connection, app_id: Uuid, e: &NewEvent) -> Result<(), Sto
     conn.prepare_cached(
         "INSERT INTO events (id, app_id, profile_id, event_type, environment, created_at, payload,
              state, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?6)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, CASE WHEN ?8 = 'pending' THEN ?6 END)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -282,7 +290,8 @@ fn insert_event(conn: &Connection, app_id: Uuid, e: &NewEvent) -> Result<(), Sto
             e.event_type.as_str(),
             e.environment.as_str(),
             at,
-            payload
+            payload,
+            initial_state(e).as_str()
         ])
     })
     .map_err(storage)?;
