@@ -87,13 +87,13 @@ pub async fn load_profile(
     row.as_ref().map(state_from).transpose()
 }
 
-/// Loads and locks the profile a write names. A separate statement then reads its
-/// transactions: under READ COMMITTED it sees everything the previous lock holder committed.
+/// Locks the profile row a write names. Its transactions are read by a later statement: under
+/// READ COMMITTED that one sees everything the previous lock holder committed.
 async fn lock_profile(
     client: &impl GenericClient,
     app_id: Uuid,
     lookup: &Lookup,
-) -> Result<Option<ProfileState>, Failure> {
+) -> Result<Option<Profile>, Failure> {
     const COLUMNS: &str =
         "SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc FROM profiles";
     let row = match (&lookup.profile_id, &lookup.customer_user_id) {
@@ -109,23 +109,28 @@ async fn lock_profile(
         }
         (None, None) => None,
     };
-    let Some(row) = row else { return Ok(None) };
-    let profile = profile_from(&row)?;
+    Ok(row.as_ref().map(profile_from).transpose()?)
+}
+
+async fn profile_transactions(
+    client: &impl GenericClient,
+    profile: Option<&Profile>,
+) -> Result<Vec<Transaction>, Failure> {
+    let Some(profile) = profile else {
+        return Ok(Vec::new());
+    };
     let stmt = client
         .prepare_cached(
             "SELECT data FROM transactions WHERE app_id = $1 AND profile_id = $2 ORDER BY position",
         )
         .await?;
     let mut transactions = Vec::new();
-    for row in client.query(&stmt, &[&app_id, &profile.id]).await? {
+    for row in client.query(&stmt, &[&profile.app_id, &profile.id]).await? {
         let Json(mut t): Json<Transaction> = get(&row, 0)?;
         t.profile_id = Some(profile.id);
         transactions.push(t);
     }
-    Ok(Some(ProfileState {
-        profile,
-        transactions,
-    }))
+    Ok(transactions)
 }
 
 /// Locks and loads the transactions of a chain (and the named transaction), on any profile.
@@ -169,30 +174,43 @@ async fn load(
     app_id: Uuid,
     lookup: &Lookup,
 ) -> Result<Loaded, Failure> {
-    // Always the profile first, then its chain: one lock order for every writer.
+    // Always the profile first, then its chain: one lock order for every writer. Once the
+    // profile is locked, the other reads go out together (pipelined).
     let profile = lock_profile(client, app_id, lookup).await?;
-    let customer_user_id_owner = match (&lookup.customer_user_id, &lookup.profile_id) {
-        (None, _) => None,
-        // Looked up by the customer user id itself: its owner is the profile just loaded.
-        (Some(_), None) => profile.as_ref().map(|p| p.profile.id),
-        (Some(cuid), Some(_)) => {
-            let stmt = client
-                .prepare_cached(
-                    "SELECT id FROM profiles WHERE app_id = $1 AND customer_user_id = $2",
-                )
-                .await?;
-            match client.query_opt(&stmt, &[&app_id, cuid]).await? {
-                Some(row) => Some(get(&row, 0)?),
-                None => None,
+    let owner = async {
+        match (&lookup.customer_user_id, &lookup.profile_id) {
+            (None, _) => Ok(None),
+            // Looked up by the customer user id itself: its owner is the profile just locked.
+            (Some(_), None) => Ok(profile.as_ref().map(|p| p.id)),
+            (Some(cuid), Some(_)) => {
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT id FROM profiles WHERE app_id = $1 AND customer_user_id = $2",
+                    )
+                    .await?;
+                match client.query_opt(&stmt, &[&app_id, cuid]).await? {
+                    Some(row) => Ok(Some(get(&row, 0)?)),
+                    None => Ok(None),
+                }
             }
         }
     };
-    let related = match &lookup.chain {
-        Some(chain) => lock_chain(client, app_id, chain).await?,
-        None => Vec::new(),
+    let related = async {
+        match &lookup.chain {
+            Some(chain) => lock_chain(client, app_id, chain).await,
+            None => Ok(Vec::new()),
+        }
     };
+    let (transactions, customer_user_id_owner, related) = tokio::try_join!(
+        profile_transactions(client, profile.as_ref()),
+        owner,
+        related
+    )?;
     Ok(Loaded {
-        profile,
+        profile: profile.map(|profile| ProfileState {
+            profile,
+            transactions,
+        }),
         customer_user_id_owner,
         related,
     })
@@ -313,6 +331,9 @@ async fn update_transaction(
         .await
 }
 
+type Step<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + Send + 'a>>;
+
 pub async fn write(
     client: &impl GenericClient,
     app_id: Uuid,
@@ -327,29 +348,41 @@ pub async fn write(
             transactions,
             events,
         } => {
-            save_profile(client, &state).await?;
-            for e in &events {
-                insert_event(client, app_id, e).await?;
-            }
             let known: HashSet<(&str, &str)> = loaded
                 .related
                 .iter()
                 .chain(loaded.profile.iter().flat_map(|p| &p.transactions))
                 .map(|t| (t.store.as_str(), t.store_transaction_id.as_str()))
                 .collect();
+            // All of the write's statements go out at once (tokio-postgres pipelines them on
+            // the connection): one round trip instead of one per row.
+            let mut steps: Vec<Step<'_>> = vec![Box::pin(save_profile(client, &state))];
             for t in &transactions {
                 if known.contains(&(t.store.as_str(), t.store_transaction_id.as_str())) {
-                    if update_transaction(client, app_id, t).await? != 1 {
-                        return Err(Failure::Conflict(format!(
-                            "transaction {} vanished under a write",
-                            t.store_transaction_id
-                        )));
-                    }
+                    steps.push(Box::pin(async move {
+                        match update_transaction(client, app_id, t).await? {
+                            1 => Ok(()),
+                            _ => Err(Failure::Conflict(format!(
+                                "transaction {} vanished under a write",
+                                t.store_transaction_id
+                            ))),
+                        }
+                    }));
                 } else {
                     // Someone else recording it first makes this a unique violation: rerun.
-                    insert_transaction(client, app_id, t).await?;
+                    steps.push(Box::pin(async move {
+                        insert_transaction(client, app_id, t).await?;
+                        Ok(())
+                    }));
                 }
             }
+            for e in &events {
+                steps.push(Box::pin(async move {
+                    insert_event(client, app_id, e).await?;
+                    Ok(())
+                }));
+            }
+            futures_util::future::try_join_all(steps).await?;
             Ok(Outcome::Saved(state))
         }
         Change::Delete { profile } => {
