@@ -257,6 +257,7 @@ async fn main() -> anyhow::Result<()> {
                 store.put_apps(std::slice::from_ref(&app)).await?;
                 eprintln!("{backend}: seeding {size} profiles");
                 let seconds = seed::seed(&*store, app.id, size).await?;
+                store.after_bulk_load().await?;
                 drop(store);
                 seconds
             };

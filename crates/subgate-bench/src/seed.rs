@@ -21,7 +21,7 @@ fn transaction(profile_id: Uuid, id: String, kind: PurchaseType, product: &str) 
     let now = Utc::now();
     let subscription = kind == PurchaseType::Subscription;
     Transaction {
-        id: Uuid::new_v4(),
+        id: Uuid::now_v7(),
         profile_id: Some(profile_id),
         seq: 1,
         purchase_type: kind,
@@ -60,7 +60,7 @@ fn transaction(profile_id: Uuid, id: String, kind: PurchaseType, product: &str) 
 /// purchase and a promotional grant.
 pub fn profile(app_id: Uuid, i: u64) -> ProfileState {
     let now = Utc::now();
-    let id = Uuid::new_v4();
+    let id = Uuid::now_v7();
     let attributes = BTreeMap::from([
         ("plan".to_string(), AttributeValue::Text("gold".into())),
         (

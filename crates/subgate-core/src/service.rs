@@ -218,6 +218,27 @@ fn next_version(state: &ProfileState, now: DateTime<Utc>) -> ProfileState {
     next
 }
 
+/// A profile about to be written for the first time (version 1 is an insert).
+fn new_profile(
+    id: Uuid,
+    app_id: Uuid,
+    customer_user_id: Option<String>,
+    now: DateTime<Utc>,
+) -> ProfileState {
+    ProfileState {
+        profile: Profile {
+            id,
+            app_id,
+            customer_user_id,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            doc: ProfileDoc::default(),
+        },
+        transactions: Vec::new(),
+    }
+}
+
 fn existing(loaded: &Loaded, missing: Missing) -> Result<&ProfileState, ApiError> {
     loaded.profile.as_ref().ok_or_else(|| missing.error())
 }
@@ -257,24 +278,13 @@ impl Services {
         update: ProfileUpdate,
     ) -> Result<ProfileState, ApiError> {
         let now = self.now();
-        let new_id = who.profile_id.unwrap_or_else(Uuid::new_v4);
+        let new_id = who.profile_id.unwrap_or_else(Uuid::now_v7);
         let app_id = app.id();
         let wanted_cuid = who.customer_user_id.clone();
         let decide: Decide = Box::new(move |loaded: &Loaded| {
             let mut next = match &loaded.profile {
                 Some(state) => next_version(state, now),
-                None => ProfileState {
-                    profile: Profile {
-                        id: new_id,
-                        app_id,
-                        customer_user_id: None,
-                        version: 1,
-                        created_at: now,
-                        updated_at: now,
-                        doc: ProfileDoc::default(),
-                    },
-                    transactions: Vec::new(),
-                },
+                None => new_profile(new_id, app_id, None, now),
             };
             if let Some(cuid) = &wanted_cuid {
                 if let Some(owner) = loaded.customer_user_id_owner {
@@ -780,7 +790,7 @@ impl Services {
     ) -> Result<ProfileState, ApiError> {
         let now = self.now();
         let app_id = app.id();
-        let new_profile_id = Uuid::new_v4();
+        let new_profile_id = Uuid::now_v7();
         let cuid = customer_user_id.to_string();
         let lookup = Lookup {
             profile_id: None,
@@ -792,18 +802,7 @@ impl Services {
             let before = loaded.profile.clone();
             let mut next = match &loaded.profile {
                 Some(state) => next_version(state, now),
-                None => ProfileState {
-                    profile: Profile {
-                        id: new_profile_id,
-                        app_id,
-                        customer_user_id: Some(cuid.clone()),
-                        version: 1,
-                        created_at: now,
-                        updated_at: now,
-                        doc: ProfileDoc::default(),
-                    },
-                    transactions: Vec::new(),
-                },
+                None => new_profile(new_profile_id, app_id, Some(cuid.clone()), now),
             };
             let profile_id = next.profile.id;
             let seq = next.profile.version;

@@ -261,6 +261,10 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Option<StoredEvent>, StoreError>;
 
+    /// After a bulk import: refresh the planner's statistics (and, on SQLite, fold the
+    /// write-ahead log into the database), so the first requests do not pay for it.
+    async fn after_bulk_load(&self) -> Result<(), StoreError>;
+
     /// Writes the rows exactly as given (ids, versions, timestamps and order kept) in one
     /// transaction, replacing rows with the same keys.
     async fn import(

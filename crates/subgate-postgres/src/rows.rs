@@ -273,18 +273,31 @@ async fn save_profile(client: &impl GenericClient, state: &ProfileState) -> Resu
     Ok(())
 }
 
+const INSERT_TRANSACTION: &str = "INSERT INTO transactions (id, app_id, profile_id, store,
+        store_transaction_id, store_original_transaction_id, data, expiry_due_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+/// Inserts `t`, or with `upsert` replaces the row of the same store transaction.
 async fn insert_transaction(
     client: &impl GenericClient,
     app_id: Uuid,
     t: &Transaction,
+    upsert: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let stmt = client
-        .prepare_cached(
-            "INSERT INTO transactions (id, app_id, profile_id, store, store_transaction_id,
-                 store_original_transaction_id, data, expiry_due_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .await?;
+    let stmt = if upsert {
+        client
+            .prepare_cached(&format!(
+                "{INSERT_TRANSACTION}
+                 ON CONFLICT (app_id, store, store_transaction_id) DO UPDATE SET
+                     profile_id = excluded.profile_id,
+                     store_original_transaction_id = excluded.store_original_transaction_id,
+                     data = excluded.data,
+                     expiry_due_at = excluded.expiry_due_at"
+            ))
+            .await?
+    } else {
+        client.prepare_cached(INSERT_TRANSACTION).await?
+    };
     client
         .execute(
             &stmt,
@@ -371,7 +384,7 @@ pub async fn write(
                 } else {
                     // Someone else recording it first makes this a unique violation: rerun.
                     steps.push(Box::pin(async move {
-                        insert_transaction(client, app_id, t).await?;
+                        insert_transaction(client, app_id, t, false).await?;
                         Ok(())
                     }));
                 }
@@ -493,43 +506,6 @@ pub async fn detached_after(
         .collect()
 }
 
-async fn upsert_transaction(
-    client: &impl GenericClient,
-    app_id: Uuid,
-    t: &Transaction,
-) -> Result<(), StoreError> {
-    let stmt = client
-        .prepare_cached(
-            "INSERT INTO transactions (id, app_id, profile_id, store, store_transaction_id,
-                 store_original_transaction_id, data, expiry_due_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (app_id, store, store_transaction_id) DO UPDATE SET
-                 profile_id = excluded.profile_id,
-                 store_original_transaction_id = excluded.store_original_transaction_id,
-                 data = excluded.data,
-                 expiry_due_at = excluded.expiry_due_at",
-        )
-        .await
-        .map_err(classify)?;
-    client
-        .execute(
-            &stmt,
-            &[
-                &t.id,
-                &app_id,
-                &t.profile_id,
-                &t.store,
-                &t.store_transaction_id,
-                &t.store_original_transaction_id,
-                &Json(t),
-                &t.expiry_due_at().map(|d| column_time(&d)),
-            ],
-        )
-        .await
-        .map_err(classify)?;
-    Ok(())
-}
-
 pub async fn import(
     client: &impl GenericClient,
     profiles: &[ProfileState],
@@ -577,7 +553,11 @@ pub async fn import(
         .iter()
         .flat_map(|state| state.transactions.iter().map(|t| (state.profile.app_id, t)))
         .chain(detached.iter().map(|d| (d.app_id, &d.transaction)))
-        .map(|(app_id, t)| upsert_transaction(client, app_id, t));
+        .map(|(app_id, t)| async move {
+            insert_transaction(client, app_id, t, true)
+                .await
+                .map_err(classify)
+        });
     futures_util::future::try_join_all(transactions).await?;
     Ok(())
 }

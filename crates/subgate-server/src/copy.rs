@@ -72,6 +72,9 @@ pub async fn copy_store(
             .context("writing detached transactions")?;
     }
 
+    to.after_bulk_load()
+        .await
+        .context("refreshing the target's statistics")?;
     let copied = report.transactions + report.detached_transactions;
     if report.profiles != source.profiles || copied != source.transactions {
         bail!(

@@ -291,6 +291,17 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn after_bulk_load(&self) -> Result<(), StoreError> {
+        self.exec(|conn| conn.execute_batch("ANALYZE;").map_err(unavailable))
+            .await?;
+        // A checkpoint cannot run inside the writer's transaction: a reader connection does it.
+        self.read(|conn| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn due_expirations(
         &self,
         now: DateTime<Utc>,
