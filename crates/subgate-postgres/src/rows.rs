@@ -216,33 +216,52 @@ async fn load(
     })
 }
 
+const INSERT_PROFILE: &str =
+    "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// Inserts the profile row, or with `upsert` replaces the row of the same id.
+async fn insert_profile(
+    client: &impl GenericClient,
+    p: &Profile,
+    upsert: bool,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = if upsert {
+        client
+            .prepare_cached(&format!(
+                "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
+                     customer_user_id = excluded.customer_user_id, version = excluded.version,
+                     created_at = excluded.created_at, updated_at = excluded.updated_at,
+                     doc = excluded.doc"
+            ))
+            .await?
+    } else {
+        client.prepare_cached(INSERT_PROFILE).await?
+    };
+    let (created_at, updated_at) = (column_time(&p.created_at), column_time(&p.updated_at));
+    client
+        .execute(
+            &stmt,
+            &[
+                &p.app_id,
+                &p.id,
+                &p.customer_user_id,
+                &p.version,
+                &created_at,
+                &updated_at,
+                &Json(&p.doc),
+            ],
+        )
+        .await
+}
+
 async fn save_profile(client: &impl GenericClient, state: &ProfileState) -> Result<(), Failure> {
     let p = &state.profile;
     let doc = Json(&p.doc);
     let changed = if p.version == 1 {
         // A concurrent creator of the same id or customer user id makes this a unique
         // violation: the write is run again and then finds that profile.
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO profiles
-                     (app_id, id, customer_user_id, version, created_at, updated_at, doc)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .await?;
-        client
-            .execute(
-                &stmt,
-                &[
-                    &p.app_id,
-                    &p.id,
-                    &p.customer_user_id,
-                    &p.version,
-                    &column_time(&p.created_at),
-                    &column_time(&p.updated_at),
-                    &doc,
-                ],
-            )
-            .await?
+        insert_profile(client, p, false).await?
     } else {
         let stmt = client
             .prepare_cached(
@@ -511,42 +530,13 @@ pub async fn import(
     profiles: &[ProfileState],
     detached: &[DetachedTransaction],
 ) -> Result<(), StoreError> {
-    let stmt = client
-        .prepare_cached(
-            "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (app_id, id) DO UPDATE SET
-                 customer_user_id = excluded.customer_user_id, version = excluded.version,
-                 created_at = excluded.created_at, updated_at = excluded.updated_at,
-                 doc = excluded.doc",
-        )
-        .await
-        .map_err(classify)?;
     // Every statement of the batch is put in flight at once: tokio-postgres pipelines them on
     // the connection, in order, so a batch costs a few round trips instead of one per row.
-    let profile_rows = profiles.iter().map(|state| {
-        let p = &state.profile;
-        let stmt = &stmt;
-        async move {
-            let doc = Json(&p.doc);
-            let (created_at, updated_at) = (column_time(&p.created_at), column_time(&p.updated_at));
-            client
-                .execute(
-                    stmt,
-                    &[
-                        &p.app_id,
-                        &p.id,
-                        &p.customer_user_id,
-                        &p.version,
-                        &created_at,
-                        &updated_at,
-                        &doc,
-                    ],
-                )
-                .await
-                .map_err(classify)
-                .map(drop)
-        }
+    let profile_rows = profiles.iter().map(|state| async move {
+        insert_profile(client, &state.profile, true)
+            .await
+            .map_err(classify)
+            .map(drop)
     });
     futures_util::future::try_join_all(profile_rows).await?;
     let transactions = profiles

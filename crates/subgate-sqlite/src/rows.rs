@@ -191,25 +191,47 @@ fn load(conn: &Connection, app_id: Uuid, lookup: &Lookup) -> Result<Loaded, Stor
     })
 }
 
+const INSERT_PROFILE: &str =
+    "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+/// Inserts the profile row, or with `upsert` replaces the row of the same id.
+fn insert_profile(
+    conn: &Connection,
+    p: &Profile,
+    doc: &str,
+    upsert: bool,
+) -> rusqlite::Result<usize> {
+    let upsert_sql;
+    let sql = if upsert {
+        upsert_sql = format!(
+            "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
+                 customer_user_id = excluded.customer_user_id, version = excluded.version,
+                 created_at = excluded.created_at, updated_at = excluded.updated_at,
+                 doc = excluded.doc"
+        );
+        upsert_sql.as_str()
+    } else {
+        INSERT_PROFILE
+    };
+    conn.prepare_cached(sql).and_then(|mut s| {
+        s.execute(params![
+            p.app_id.to_string(),
+            p.id.to_string(),
+            p.customer_user_id,
+            p.version,
+            to_micros(&p.created_at),
+            to_micros(&p.updated_at),
+            doc
+        ])
+    })
+}
+
 fn save_profile(conn: &Connection, state: &ProfileState) -> Result<(), StoreError> {
     let p = &state.profile;
     let doc = serde_json::to_string(&p.doc).map_err(|e| StoreError::Internal(e.to_string()))?;
     let changed = if p.version == 1 {
-        conn.prepare_cached(
-            "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                p.app_id.to_string(),
-                p.id.to_string(),
-                p.customer_user_id,
-                p.version,
-                to_micros(&p.created_at),
-                to_micros(&p.updated_at),
-                doc
-            ])
-        })
+        insert_profile(conn, p, &doc, false)
     } else {
         conn.prepare_cached(
             "UPDATE profiles SET customer_user_id = ?3, version = ?4, updated_at = ?5, doc = ?6
@@ -455,26 +477,7 @@ pub fn import(
     for state in profiles {
         let p = &state.profile;
         let doc = serde_json::to_string(&p.doc).map_err(|e| StoreError::Internal(e.to_string()))?;
-        conn.prepare_cached(
-            "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (app_id, id) DO UPDATE SET
-                 customer_user_id = excluded.customer_user_id, version = excluded.version,
-                 created_at = excluded.created_at, updated_at = excluded.updated_at,
-                 doc = excluded.doc",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                p.app_id.to_string(),
-                p.id.to_string(),
-                p.customer_user_id,
-                p.version,
-                to_micros(&p.created_at),
-                to_micros(&p.updated_at),
-                doc
-            ])
-        })
-        .map_err(storage)?;
+        insert_profile(conn, p, &doc, true).map_err(storage)?;
         for t in &state.transactions {
             save_transaction(conn, p.app_id, t)?;
         }
