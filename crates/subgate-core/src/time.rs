@@ -18,14 +18,31 @@ pub fn parse_datetime(input: &str) -> Option<DateTime<Utc>> {
     None
 }
 
+/// Every response carries several dates; chrono's `format` parses its pattern on each call,
+/// which showed in profiles of the read path. Years outside 0..=9999 never pass validation.
+fn format_micros(dt: &DateTime<Utc>, offset: &str) -> String {
+    use chrono::{Datelike, Timelike};
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}{offset}",
+        dt.year(),
+        dt.month(),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        // A leap second carries its extra second in the fraction.
+        dt.timestamp_subsec_micros().min(999_999)
+    )
+}
+
 /// v2 dates: `2024-12-24T10:50:23.000000+00:00`.
 pub fn format_v2(dt: &DateTime<Utc>) -> String {
-    dt.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+    format_micros(dt, "+00:00")
 }
 
 /// v1 and webhook dates: `2020-02-21T16:30:34.000000+0000`.
 pub fn format_v1(dt: &DateTime<Utc>) -> String {
-    dt.format("%Y-%m-%dT%H:%M:%S%.6f+0000").to_string()
+    format_micros(dt, "+0000")
 }
 
 /// Human form used inside error messages, as Adapty's examples show it.
@@ -87,5 +104,25 @@ mod tests {
         assert!(parse_date("2000-12-31").is_some());
         assert!(parse_date("2000-2-3").is_none());
         assert!(parse_date("2000-13-01").is_none());
+    }
+
+    #[test]
+    fn formats_match_chronos_patterns() {
+        for text in [
+            "2024-12-24T10:50:23Z",
+            "2020-02-21T16:30:34.123456Z",
+            "0999-01-02T03:04:05.000001Z",
+            "9999-12-31T23:59:59.999999999Z",
+        ] {
+            let dt = parse_datetime(text).unwrap();
+            assert_eq!(
+                format_v2(&dt),
+                dt.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+            );
+            assert_eq!(
+                format_v1(&dt),
+                dt.format("%Y-%m-%dT%H:%M:%S%.6f+0000").to_string()
+            );
+        }
     }
 }
