@@ -86,7 +86,8 @@ pub fn level_of<'a>(app: &'a App, transaction: &Transaction) -> Option<&'a str> 
     product.access_level_id.as_deref()
 }
 
-fn transaction_interval(t: &Transaction) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
+/// The interval a transaction gives access for: its period (grace included), cut at a refund.
+pub fn transaction_interval(t: &Transaction) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
     let mut end = match t.purchase_type {
         PurchaseType::Subscription => t.expires_at,
         PurchaseType::OneTimePurchase => None,

@@ -202,6 +202,8 @@ pub struct EventBuilder<'a> {
     state: &'a ProfileState,
     now: DateTime<Utc>,
     events: Vec<NewEvent>,
+    /// `profile_has_access_level`, the same for every event of the builder: derived once.
+    has_access: std::cell::OnceCell<bool>,
 }
 
 impl<'a> EventBuilder<'a> {
@@ -212,6 +214,7 @@ impl<'a> EventBuilder<'a> {
             state,
             now,
             events: Vec::new(),
+            has_access: std::cell::OnceCell::new(),
         }
     }
 
@@ -233,9 +236,11 @@ impl<'a> EventBuilder<'a> {
             .or_else(|| level.and_then(|l| l.transaction()))
             .map_or(Environment::Production, |t| t.environment);
         let now = self.now;
-        let has_access = access::derive(self.app, state, now)
-            .iter()
-            .any(|l| l.is_active);
+        let has_access = *self.has_access.get_or_init(|| {
+            access::derive(self.app, state, now)
+                .iter()
+                .any(|l| l.is_active)
+        });
         let mut props = Map::new();
         props.insert("profile_event_id".into(), json!(id));
         props.insert("profile_id".into(), json!(profile.id));

@@ -281,6 +281,13 @@ pub struct Transaction {
 }
 
 impl Transaction {
+    /// Carries over from `previous` (the same store transaction before this write) whether its
+    /// expiry was dealt with: it stays dealt with unless the period moved.
+    pub fn keep_expiry_handled(&mut self, previous: Option<&Transaction>) {
+        self.expiry_handled =
+            previous.is_some_and(|p| p.expiry_handled && p.expiry_due_at() == self.expiry_due_at());
+    }
+
     /// When the expiry worker should look at this transaction: the end of its period (grace
     /// included), unless refunded, handled already, or not a subscription.
     pub fn expiry_due_at(&self) -> Option<DateTime<Utc>> {

@@ -377,7 +377,7 @@ impl Services {
                 t.store == chain.store && t.store_transaction_id == chain.store_transaction_id
             });
             let i = &valid.input;
-            let recorded = Transaction {
+            let mut recorded = Transaction {
                 id: previous.map_or(new_id, |p| p.id),
                 profile_id: Some(profile_id),
                 seq: previous.map_or(seq, |p| p.seq),
@@ -405,13 +405,7 @@ impl Services {
                 updated_at: now,
                 expiry_handled: false,
             };
-            // An expiry already dealt with stays dealt with unless the period moved.
-            let recorded = Transaction {
-                expiry_handled: previous.is_some_and(|p| {
-                    p.expiry_handled && p.expiry_due_at() == recorded.expiry_due_at()
-                }),
-                ..recorded
-            };
+            recorded.keep_expiry_handled(previous);
             let chain_before: Vec<Transaction> = loaded
                 .related
                 .iter()
@@ -436,12 +430,7 @@ impl Services {
             changed.push(recorded.clone());
             // Replace in place, so the answer lists transactions as a later read will.
             for t in &changed {
-                match next.transactions.iter_mut().find(|old| {
-                    old.store == t.store && old.store_transaction_id == t.store_transaction_id
-                }) {
-                    Some(old) => *old = t.clone(),
-                    None => next.transactions.push(t.clone()),
-                }
+                replace_or_push(&mut next.transactions, t);
             }
             let mut events = EventBuilder::new(&app_for_decide, &next, now);
             events.transaction_recorded(previous, &recorded, &chain_before);
@@ -825,9 +814,7 @@ impl Services {
                     updated_at: now,
                     ..purchase.clone()
                 };
-                recorded.expiry_handled = previous.as_ref().is_some_and(|p| {
-                    p.expiry_handled && p.expiry_due_at() == recorded.expiry_due_at()
-                });
+                recorded.keep_expiry_handled(previous.as_ref());
                 if let Some(p) = &previous {
                     let unchanged = Transaction {
                         updated_at: p.updated_at,

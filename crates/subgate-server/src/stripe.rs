@@ -166,18 +166,11 @@ impl StripeClient {
         let mut transactions = Vec::new();
         for (index, invoice) in invoices.iter().enumerate() {
             let line = &invoice["lines"]["data"][0];
-            let price = if line["price"].is_object() {
-                &line["price"]
-            } else {
-                &line["plan"]
-            };
-            let price = if price.is_object() {
-                price
-            } else if item["price"].is_object() {
-                &item["price"]
-            } else {
-                &item["plan"]
-            };
+            // The line's price (or its older form, the plan), else the subscription item's.
+            let price = [&line["price"], &line["plan"], &item["price"], &item["plan"]]
+                .into_iter()
+                .find(|p| p.is_object())
+                .unwrap_or(&Value::Null);
             let product = id_of(&price["product"]).ok_or_else(|| {
                 token_error(format!("Invoice {} names no product.", invoice["id"]))
             })?;

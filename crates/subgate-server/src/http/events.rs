@@ -54,10 +54,6 @@ fn render(e: &StoredEvent) -> Value {
     })
 }
 
-fn invalid(source: &str, message: &str) -> ApiError {
-    ApiError::invalid(source, message)
-}
-
 async fn list(
     State(ctx): State<AppContext>,
     auth: Authenticated,
@@ -68,14 +64,16 @@ async fn list(
         None => DEFAULT_LIMIT,
         Some(text) => match text.parse::<u32>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(invalid("limit", "Must be an integer from 1 to 1000.").into()),
+            _ => {
+                return Err(ApiError::invalid("limit", "Must be an integer from 1 to 1000.").into())
+            }
         },
     };
     let after = match query.cursor.as_deref() {
         None | Some("") => None,
         Some(text) => Some(
             text.parse::<i64>()
-                .map_err(|_| invalid("cursor", "Not a cursor this feed returned."))?,
+                .map_err(|_| ApiError::invalid("cursor", "Not a cursor this feed returned."))?,
         ),
     };
     let profile_id = match (&query.profile_id, &query.customer_user_id) {
@@ -85,7 +83,7 @@ async fn list(
                 .as_deref()
                 .map(Uuid::parse_str)
                 .transpose()
-                .map_err(|_| invalid("profile_id", "Must be a valid UUID."))?;
+                .map_err(|_| ApiError::invalid("profile_id", "Must be a valid UUID."))?;
             let who = Identity {
                 profile_id,
                 customer_user_id: customer_user_id.clone(),

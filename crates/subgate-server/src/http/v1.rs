@@ -236,14 +236,8 @@ fn access_level(level: &AccessLevelView<'_>) -> Value {
 }
 
 fn subscription(t: &Transaction, first: DateTime<Utc>, now: DateTime<Utc>) -> Value {
-    let end = t
-        .expires_at
-        .map(|e| t.grace_period_expires_at.map_or(e, |g| g.max(e)));
-    let end = match (end, t.refunded_at) {
-        (Some(e), Some(r)) => Some(e.min(r)),
-        (e, _) => e,
-    };
-    let is_active = t.purchased_at <= now && end.is_none_or(|e| now < e);
+    let (start, end) = access::transaction_interval(t);
+    let is_active = start <= now && end.is_none_or(|e| now < e);
     let (intro, promo_type, promo_id) = offer_types(Some(t));
     json!({
         "is_active": is_active,
