@@ -292,8 +292,15 @@ impl Store for SqliteStore {
     }
 
     async fn after_bulk_load(&self) -> Result<(), StoreError> {
-        self.exec(|conn| conn.execute_batch("ANALYZE;").map_err(unavailable))
-            .await?;
+        // The bundled SQLite keeps STAT4 samples, and with samples present every statement
+        // whose plan could depend on a bound value is compiled again on each new value: a
+        // parse per profile read in profiles. The per-index row counts (stat1) are enough
+        // for these point lookups, so the samples go.
+        self.exec(|conn| {
+            conn.execute_batch("ANALYZE; DELETE FROM sqlite_stat4; ANALYZE sqlite_schema;")
+                .map_err(unavailable)
+        })
+        .await?;
         // A checkpoint cannot run inside the writer's transaction: a reader connection does it.
         self.read(|conn| {
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
