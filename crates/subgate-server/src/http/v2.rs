@@ -6,8 +6,9 @@ use super::input::Fields;
 use super::{wire, AppContext};
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde_json::{Map, Value};
 use subgate_core::attributes;
 use subgate_core::model::{Environment, ProfileState, PurchaseType};
@@ -40,15 +41,15 @@ pub fn routes() -> Router<AppContext> {
         )
 }
 
-fn render(ctx: &AppContext, auth: &Authenticated, state: &ProfileState) -> Json<Value> {
-    Json(wire::profile(&auth.app, state, ctx.services.now()))
+fn render(ctx: &AppContext, auth: &Authenticated, state: &ProfileState) -> Response {
+    wire::profile(&auth.app, state, ctx.services.now())
 }
 
 async fn get_profile(
     State(ctx): State<AppContext>,
     auth: Authenticated,
     who: ProfileHeaders,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let state = ctx.services.get_profile(&auth.app, &who.identity).await?;
     Ok(render(&ctx, &auth, &state))
 }
@@ -58,7 +59,7 @@ async fn create_profile(
     auth: Authenticated,
     who: ProfileHeaders,
     JsonObject(body): JsonObject,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let update = profile_update(&body, who.platform)?;
     let state = ctx
         .services
@@ -72,7 +73,7 @@ async fn update_profile(
     auth: Authenticated,
     who: ProfileHeaders,
     JsonObject(body): JsonObject,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let update = profile_update(&body, who.platform)?;
     let state = ctx
         .services
@@ -97,7 +98,7 @@ async fn set_transaction(
     auth: Authenticated,
     who: ProfileHeaders,
     JsonObject(body): JsonObject,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     auth.require_secret()?;
     let input = transaction_input(&Fields::new(&body))?;
     let state = ctx
@@ -112,7 +113,7 @@ async fn grant(
     auth: Authenticated,
     who: ProfileHeaders,
     JsonObject(body): JsonObject,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     auth.require_secret()?;
     let f = Fields::new(&body);
     let input = GrantInput {
@@ -129,7 +130,7 @@ async fn revoke(
     auth: Authenticated,
     who: ProfileHeaders,
     JsonObject(body): JsonObject,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     auth.require_secret()?;
     let f = Fields::new(&body);
     let input = RevokeInput {

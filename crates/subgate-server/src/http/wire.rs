@@ -1,7 +1,13 @@
 //! The v2 Profile object, rendered from a profile's state at an instant.
 
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
+use uuid::Uuid;
 use subgate_core::access::{self, AccessLevelView, Source};
 use subgate_core::currency;
 use subgate_core::model::{
@@ -10,17 +16,6 @@ use subgate_core::model::{
 };
 use subgate_core::time::format_v2;
 
-pub(crate) fn date(dt: Option<DateTime<Utc>>) -> Value {
-    dt.map_or(Value::Null, |d| Value::String(format_v2(&d)))
-}
-
-fn offer(o: &Option<Offer>) -> Value {
-    match o {
-        Some(o) => json!({"category": o.category, "type": o.offer_type, "id": o.id}),
-        None => Value::Null,
-    }
-}
-
 pub(crate) fn attribute_value(v: &AttributeValue) -> Value {
     match v {
         AttributeValue::Number(n) => json!(n),
@@ -28,45 +23,113 @@ pub(crate) fn attribute_value(v: &AttributeValue) -> Value {
     }
 }
 
-fn access_level(level: &AccessLevelView<'_>) -> Value {
-    let mut v = json!({
-        "access_level_id": level.access_level_id,
-        "expires_at": date(level.expires_at),
-        "renewal_cancelled_at": date(level.renewal_cancelled_at),
-        "billing_issue_detected_at": date(level.billing_issue_detected_at),
-        "is_in_grace_period": level.is_in_grace_period,
-        "cancellation_reason": level.cancellation_reason,
-    });
-    let source = match level.source {
-        Source::Transaction(t) => {
-            let mut fields = purchase_fields(t);
-            merge(
-                &mut fields,
-                json!({
-                    "starts_at": Value::Null,
-                    "originally_purchased_at": date(Some(t.originally_purchased_at.unwrap_or(t.purchased_at))),
-                }),
-            );
-            fields
+/// A v2 date, or null. The response is serialized straight from these borrowed views: going
+/// through `serde_json::Value` (a map per object, a string per key) was a quarter of a profile
+/// read's CPU.
+struct V2Date(Option<DateTime<Utc>>);
+
+impl Serialize for V2Date {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(d) => s.serialize_str(&format_v2(d)),
+            None => s.serialize_none(),
         }
+    }
+}
+
+#[derive(Serialize)]
+struct OfferView<'a> {
+    category: &'a str,
+    #[serde(rename = "type")]
+    offer_type: &'a str,
+    id: Option<&'a str>,
+}
+
+fn offer(o: &Option<Offer>) -> Option<OfferView<'_>> {
+    o.as_ref().map(|o| OfferView {
+        category: &o.category,
+        offer_type: &o.offer_type,
+        id: o.id.as_deref(),
+    })
+}
+
+/// What identifies a purchase, shared by access levels and subscriptions.
+#[derive(Serialize)]
+struct PurchaseView<'a> {
+    store: &'a str,
+    store_product_id: &'a str,
+    store_base_plan_id: Option<&'a str>,
+    store_transaction_id: Cow<'a, str>,
+    store_original_transaction_id: Cow<'a, str>,
+    offer: Option<OfferView<'a>>,
+    environment: &'a str,
+    purchased_at: V2Date,
+}
+
+fn purchase_fields(t: &Transaction) -> PurchaseView<'_> {
+    PurchaseView {
+        store: &t.store,
+        store_product_id: &t.store_product_id,
+        store_base_plan_id: t.store_base_plan_id.as_deref(),
+        store_transaction_id: Cow::Borrowed(&t.store_transaction_id),
+        store_original_transaction_id: Cow::Borrowed(&t.store_original_transaction_id),
+        offer: offer(&t.offer),
+        environment: t.environment.as_str(),
+        purchased_at: V2Date(Some(t.purchased_at)),
+    }
+}
+
+#[derive(Serialize)]
+struct AccessLevelOut<'a> {
+    access_level_id: &'a str,
+    expires_at: V2Date,
+    renewal_cancelled_at: V2Date,
+    billing_issue_detected_at: V2Date,
+    is_in_grace_period: bool,
+    cancellation_reason: Option<&'a str>,
+    #[serde(flatten)]
+    purchase: PurchaseView<'a>,
+    starts_at: V2Date,
+    originally_purchased_at: V2Date,
+}
+
+fn access_level<'a>(level: &'a AccessLevelView<'a>) -> AccessLevelOut<'a> {
+    let (purchase, starts_at, originally_purchased_at) = match level.source {
+        Source::Transaction(t) => (
+            purchase_fields(t),
+            None,
+            t.originally_purchased_at.unwrap_or(t.purchased_at),
+        ),
         Source::Grant(g) => {
             let id = grant_identity(g);
-            json!({
-            "store": id.store,
-            "store_product_id": id.product,
-            "store_base_plan_id": id.base_plan,
-            "store_transaction_id": id.transaction,
-            "store_original_transaction_id": id.original_transaction,
-            "offer": Value::Null,
-            "environment": id.environment,
-            "starts_at": date(Some(g.starts_at)),
-            "purchased_at": date(Some(g.created_at)),
-            "originally_purchased_at": date(Some(level.activated_at.min(g.created_at))),
-            })
+            let purchase = PurchaseView {
+                store: id.store,
+                store_product_id: id.product,
+                store_base_plan_id: id.base_plan,
+                store_transaction_id: Cow::Owned(id.transaction),
+                store_original_transaction_id: Cow::Owned(id.original_transaction),
+                offer: None,
+                environment: id.environment,
+                purchased_at: V2Date(Some(g.created_at)),
+            };
+            (
+                purchase,
+                Some(g.starts_at),
+                level.activated_at.min(g.created_at),
+            )
         }
     };
-    merge(&mut v, source);
-    v
+    AccessLevelOut {
+        access_level_id: &level.access_level_id,
+        expires_at: V2Date(level.expires_at),
+        renewal_cancelled_at: V2Date(level.renewal_cancelled_at),
+        billing_issue_detected_at: V2Date(level.billing_issue_detected_at),
+        is_in_grace_period: level.is_in_grace_period,
+        cancellation_reason: level.cancellation_reason.as_deref(),
+        purchase,
+        starts_at: V2Date(starts_at),
+        originally_purchased_at: V2Date(Some(originally_purchased_at)),
+    }
 }
 
 /// How a grant presents itself: the server-side product, or the store purchase a v1 grant named.
@@ -107,26 +170,6 @@ pub fn grant_identity(g: &Grant) -> GrantIdentity<'_> {
     }
 }
 
-/// What identifies a purchase, shared by access levels and subscriptions.
-fn purchase_fields(t: &Transaction) -> Value {
-    json!({
-        "store": t.store,
-        "store_product_id": t.store_product_id,
-        "store_base_plan_id": t.store_base_plan_id,
-        "store_transaction_id": t.store_transaction_id,
-        "store_original_transaction_id": t.store_original_transaction_id,
-        "offer": offer(&t.offer),
-        "environment": t.environment.as_str(),
-        "purchased_at": date(Some(t.purchased_at)),
-    })
-}
-
-fn merge(into: &mut Value, from: Value) {
-    if let (Value::Object(a), Value::Object(b)) = (into, from) {
-        a.extend(b);
-    }
-}
-
 /// The latest transaction of each subscription chain, in the order the chains began.
 pub(crate) fn latest_of_each_chain(
     transactions: &[Transaction],
@@ -153,100 +196,218 @@ pub(crate) fn latest_of_each_chain(
     chains
 }
 
+#[derive(Serialize)]
+struct SubscriptionOut<'a> {
+    #[serde(flatten)]
+    purchase: PurchaseView<'a>,
+    originally_purchased_at: V2Date,
+    expires_at: V2Date,
+    renewal_cancelled_at: V2Date,
+    billing_issue_detected_at: V2Date,
+    is_in_grace_period: bool,
+    cancellation_reason: Option<&'a str>,
+}
+
 fn subscription(
     t: &Transaction,
     originally_purchased_at: DateTime<Utc>,
     now: DateTime<Utc>,
-) -> Value {
-    let mut fields = purchase_fields(t);
-    merge(
-        &mut fields,
-        json!({
-        "originally_purchased_at": date(Some(originally_purchased_at)),
-        "expires_at": date(t.expires_at),
-        "renewal_cancelled_at": date(t.renewal_cancelled_at()),
-        "billing_issue_detected_at": date(t.billing_issue_detected_at),
-        "is_in_grace_period": t.is_in_grace_period(now),
-        "cancellation_reason": t.cancellation_reason,
-        }),
-    );
-    fields
+) -> SubscriptionOut<'_> {
+    SubscriptionOut {
+        purchase: purchase_fields(t),
+        originally_purchased_at: V2Date(Some(originally_purchased_at)),
+        expires_at: V2Date(t.expires_at),
+        renewal_cancelled_at: V2Date(t.renewal_cancelled_at()),
+        billing_issue_detected_at: V2Date(t.billing_issue_detected_at),
+        is_in_grace_period: t.is_in_grace_period(now),
+        cancellation_reason: t.cancellation_reason.as_deref(),
+    }
 }
 
-fn non_subscription(app: &App, t: &Transaction) -> Value {
-    let is_consumable = app
-        .product(&t.store, &t.store_product_id)
-        .is_some_and(|p| p.kind == ProductKind::Consumable);
-    json!({
-        "purchase_id": t.id,
-        "store": t.store,
-        "store_product_id": t.store_product_id,
-        "store_base_plan_id": t.store_base_plan_id,
-        "store_transaction_id": t.store_transaction_id,
-        "store_original_transaction_id": t.store_original_transaction_id,
-        "purchased_at": date(Some(t.purchased_at)),
-        "environment": t.environment.as_str(),
-        "is_refund": t.is_refunded(),
-        "is_consumable": is_consumable,
-    })
+#[derive(Serialize)]
+struct NonSubscriptionOut<'a> {
+    purchase_id: Uuid,
+    store: &'a str,
+    store_product_id: &'a str,
+    store_base_plan_id: Option<&'a str>,
+    store_transaction_id: &'a str,
+    store_original_transaction_id: &'a str,
+    purchased_at: V2Date,
+    environment: &'a str,
+    is_refund: bool,
+    is_consumable: bool,
+}
+
+fn non_subscription<'a>(app: &App, t: &'a Transaction) -> NonSubscriptionOut<'a> {
+    NonSubscriptionOut {
+        purchase_id: t.id,
+        store: &t.store,
+        store_product_id: &t.store_product_id,
+        store_base_plan_id: t.store_base_plan_id.as_deref(),
+        store_transaction_id: &t.store_transaction_id,
+        store_original_transaction_id: &t.store_original_transaction_id,
+        purchased_at: V2Date(Some(t.purchased_at)),
+        environment: t.environment.as_str(),
+        is_refund: t.is_refunded(),
+        is_consumable: app
+            .product(&t.store, &t.store_product_id)
+            .is_some_and(|p| p.kind == ProductKind::Consumable),
+    }
+}
+
+/// The installation meta as last posted, with the `adapty-platform` header's platform
+/// unless the meta names one itself.
+struct InstallationMeta<'a> {
+    posted: Option<&'a Map<String, Value>>,
+    platform: Option<&'a str>,
+}
+
+impl Serialize for InstallationMeta<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let platform = self
+            .platform
+            .filter(|_| !self.posted.is_some_and(|m| m.contains_key("platform")));
+        if self.posted.is_none() && platform.is_none() {
+            return s.serialize_none();
+        }
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.posted.into_iter().flatten() {
+            map.serialize_entry(k, v)?;
+        }
+        if let Some(platform) = platform {
+            map.serialize_entry("platform", platform)?;
+        }
+        map.end()
+    }
 }
 
 /// The personal fields, returned too: v2 always answers with the complete profile.
-pub(crate) fn personal_fields(state: &ProfileState) -> Map<String, Value> {
+#[derive(Serialize)]
+struct PersonalOut<'a> {
+    first_name: Option<&'a str>,
+    last_name: Option<&'a str>,
+    gender: Option<&'a str>,
+    email: Option<&'a str>,
+    phone_number: Option<&'a str>,
+    birthday: Option<String>,
+    ip_country: Option<&'a str>,
+    ip_v4_address: Option<&'a str>,
+    store_country: Option<&'a str>,
+    store: Option<&'a str>,
+    analytics_disabled: bool,
+    att_status: Option<i64>,
+    store_account_token: Option<&'a str>,
+    installation_meta: InstallationMeta<'a>,
+    created_at: V2Date,
+}
+
+fn personal(state: &ProfileState) -> PersonalOut<'_> {
     let doc = &state.profile.doc;
     let f = &doc.fields;
-    let mut installation = doc.installation_meta.clone();
-    if let Some(platform) = &doc.platform {
-        installation
-            .get_or_insert_with(Map::new)
-            .entry("platform")
-            .or_insert_with(|| json!(platform));
+    PersonalOut {
+        first_name: f.first_name.as_deref(),
+        last_name: f.last_name.as_deref(),
+        gender: f.gender.as_deref(),
+        email: f.email.as_deref(),
+        phone_number: f.phone_number.as_deref(),
+        birthday: f.birthday.map(|d| d.format("%Y-%m-%d").to_string()),
+        ip_country: f.ip_country.as_deref(),
+        ip_v4_address: f.ip_v4_address.as_deref(),
+        store_country: f.store_country.as_deref(),
+        store: f.store.as_deref(),
+        analytics_disabled: f.analytics_disabled.unwrap_or(false),
+        att_status: f.att_status,
+        store_account_token: f.store_account_token.as_deref(),
+        installation_meta: InstallationMeta {
+            posted: doc.installation_meta.as_ref(),
+            platform: doc.platform.as_deref(),
+        },
+        created_at: V2Date(Some(state.profile.created_at)),
     }
-    let v = json!({
-        "first_name": f.first_name,
-        "last_name": f.last_name,
-        "gender": f.gender,
-        "email": f.email,
-        "phone_number": f.phone_number,
-        "birthday": f.birthday.map(|d| d.format("%Y-%m-%d").to_string()),
-        "ip_country": f.ip_country,
-        "ip_v4_address": f.ip_v4_address,
-        "store_country": f.store_country,
-        "store": f.store,
-        "analytics_disabled": f.analytics_disabled.unwrap_or(false),
-        "att_status": f.att_status,
-        "store_account_token": f.store_account_token,
-        "installation_meta": installation,
-        "created_at": format_v2(&state.profile.created_at),
-    });
-    match v {
-        Value::Object(map) => map,
+}
+
+/// The personal fields as a JSON object, for v1's extended profile.
+pub(crate) fn personal_fields(state: &ProfileState) -> Map<String, Value> {
+    match serde_json::to_value(personal(state)) {
+        Ok(Value::Object(map)) => map,
         _ => Map::new(),
     }
 }
 
-pub fn profile(app: &App, state: &ProfileState, now: DateTime<Utc>) -> Value {
+#[derive(Serialize)]
+struct AttributeOut<'a> {
+    key: &'a str,
+    value: &'a AttributeValue,
+}
+
+#[derive(Serialize)]
+struct ProfileOut<'a> {
+    app_id: Uuid,
+    profile_id: Uuid,
+    customer_user_id: Option<&'a str>,
+    total_revenue_usd: f64,
+    segment_hash: String,
+    timestamp: i64,
+    custom_attributes: Vec<AttributeOut<'a>>,
+    access_levels: Vec<AccessLevelOut<'a>>,
+    subscriptions: Vec<SubscriptionOut<'a>>,
+    non_subscriptions: Vec<NonSubscriptionOut<'a>>,
+    #[serde(flatten)]
+    personal: PersonalOut<'a>,
+}
+
+#[derive(Serialize)]
+struct Envelope<T> {
+    data: T,
+}
+
+/// The v2 Profile object as response bytes.
+pub fn profile(app: &App, state: &ProfileState, now: DateTime<Utc>) -> Response {
     let p = &state.profile;
     let levels = access::derive(app, state, now);
-    let mut data = json!({
-        "app_id": p.app_id,
-        "profile_id": p.id,
-        "customer_user_id": p.customer_user_id,
-        "total_revenue_usd": currency::from_micros(state.total_revenue_usd_micros()),
-        "segment_hash": state.segment_hash(),
-        "timestamp": now.timestamp_millis(),
-        "custom_attributes": p.doc.attributes.iter()
-            .map(|(k, v)| json!({"key": k, "value": attribute_value(v)}))
-            .collect::<Vec<_>>(),
-        "access_levels": levels.iter().map(access_level).collect::<Vec<_>>(),
-        "subscriptions": latest_of_each_chain(&state.transactions).into_iter()
-            .map(|(t, first)| subscription(t, first, now))
-            .collect::<Vec<_>>(),
-        "non_subscriptions": state.transactions.iter()
-            .filter(|t| t.purchase_type == PurchaseType::OneTimePurchase)
-            .map(|t| non_subscription(app, t))
-            .collect::<Vec<_>>(),
-    });
-    merge(&mut data, Value::Object(personal_fields(state)));
-    json!({ "data": data })
+    let body = Envelope {
+        data: ProfileOut {
+            app_id: p.app_id,
+            profile_id: p.id,
+            customer_user_id: p.customer_user_id.as_deref(),
+            total_revenue_usd: currency::from_micros(state.total_revenue_usd_micros()),
+            segment_hash: state.segment_hash(),
+            timestamp: now.timestamp_millis(),
+            custom_attributes: p
+                .doc
+                .attributes
+                .iter()
+                .map(|(key, value)| AttributeOut { key, value })
+                .collect(),
+            access_levels: levels.iter().map(access_level).collect(),
+            subscriptions: latest_of_each_chain(&state.transactions)
+                .into_iter()
+                .map(|(t, first)| subscription(t, first, now))
+                .collect(),
+            non_subscriptions: state
+                .transactions
+                .iter()
+                .filter(|t| t.purchase_type == PurchaseType::OneTimePurchase)
+                .map(|t| non_subscription(app, t))
+                .collect(),
+            personal: personal(state),
+        },
+    };
+    json_response(&body)
+}
+
+/// Serializes `body` into one buffer sized for a typical profile.
+pub(crate) fn json_response(body: &impl Serialize) -> Response {
+    let mut bytes = Vec::with_capacity(4096);
+    match serde_json::to_writer(&mut bytes, body) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialize a response");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
