@@ -252,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
                 let store = subgate_server::open_store(&DatabaseSettings {
                     url: url.clone(),
                     max_connections: 8,
+                    ..DatabaseSettings::default()
                 })
                 .await?;
                 store.put_apps(std::slice::from_ref(&app)).await?;

@@ -248,7 +248,11 @@ impl Services {
         self.clock.now()
     }
 
-    pub async fn get_profile(&self, app: &App, who: &Identity) -> Result<ProfileState, ApiError> {
+    pub async fn get_profile(
+        &self,
+        app: &App,
+        who: &Identity,
+    ) -> Result<Arc<ProfileState>, ApiError> {
         match self.store.load_profile(app.id(), &who.key()).await {
             Ok(Some(state)) => Ok(state),
             Ok(None) => Err(Missing::NotFound.error()),

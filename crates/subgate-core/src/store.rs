@@ -8,6 +8,7 @@ use crate::events::NewEvent;
 use crate::model::{AppDefinition, Environment, Profile, ProfileKey, ProfileState, Transaction};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -180,11 +181,12 @@ pub trait Store: Send + Sync + 'static {
     /// Upserts the configured apps (config as code) at start.
     async fn put_apps(&self, apps: &[AppDefinition]) -> Result<(), StoreError>;
 
+    /// Shared, so a store may hand out a profile it keeps in memory without copying it.
     async fn load_profile(
         &self,
         app_id: Uuid,
         key: &ProfileKey,
-    ) -> Result<Option<ProfileState>, StoreError>;
+    ) -> Result<Option<Arc<ProfileState>>, StoreError>;
 
     /// Loads what `lookup` names, runs `decide`, and applies its change in one transaction.
     async fn write(

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
@@ -218,10 +219,12 @@ impl Store for PgStore {
         &self,
         app_id: Uuid,
         key: &ProfileKey,
-    ) -> Result<Option<ProfileState>, StoreError> {
+    ) -> Result<Option<Arc<ProfileState>>, StoreError> {
         bounded("a profile read", async {
             let client = self.client().await?;
-            rows::load_profile(&client, app_id, key).await
+            Ok(rows::load_profile(&client, app_id, key)
+                .await?
+                .map(Arc::new))
         })
         .await
     }

@@ -47,10 +47,19 @@ pub struct DatabaseSettings {
     /// readers whatever this says).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Profiles a SQLite node keeps decoded in memory for reads (0: none). PostgreSQL nodes
+    /// keep none: another node may change a profile at any time.
+    #[serde(default = "default_cached_profiles")]
+    pub cached_profiles: usize,
 }
 
 fn default_max_connections() -> usize {
     16
+}
+
+/// About 2-3 KiB each for a profile with a few transactions: tens of MiB.
+fn default_cached_profiles() -> usize {
+    20_000
 }
 
 fn default_listen() -> String {
@@ -74,6 +83,7 @@ impl Default for DatabaseSettings {
         Self {
             url: default_database_url(),
             max_connections: default_max_connections(),
+            cached_profiles: default_cached_profiles(),
         }
     }
 }

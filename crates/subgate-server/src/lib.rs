@@ -25,14 +25,31 @@ use tokio::task::JoinHandle;
 /// Opens the store the URL's scheme names, applying its migrations. A URL we cannot serve is an
 /// error, never a silent fallback to a new SQLite file.
 pub async fn open_store(database: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+    open(database, true).await
+}
+
+/// [`open_store`] for a store this process only reads, while its owner may be running (the
+/// source of `copy-store`).
+pub async fn open_store_for_reading(database: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+    open(database, false).await
+}
+
+async fn open(database: &DatabaseSettings, owner: bool) -> anyhow::Result<Arc<dyn Store>> {
     let url = database.url.as_str();
     if url.starts_with("sqlite:") {
         let path = subgate_sqlite::path_from_url(url).with_context(|| {
             format!("database.url `{url}` names no file; use sqlite://path/to/file.db")
         })?;
-        let store = tokio::task::spawn_blocking(move || SqliteStore::open(path))
-            .await
-            .context("opening the SQLite database")??;
+        let cached_profiles = database.cached_profiles;
+        let store = tokio::task::spawn_blocking(move || {
+            if owner {
+                SqliteStore::open(path, cached_profiles)
+            } else {
+                SqliteStore::open_for_reading(path)
+            }
+        })
+        .await
+        .context("opening the SQLite database")??;
         return Ok(Arc::new(store));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {

@@ -234,7 +234,7 @@ async fn copy_store(from: &str, to: &str, overwrite: bool) -> anyhow::Result<()>
         url: url.to_string(),
         ..DatabaseSettings::default()
     };
-    let source = subgate_server::open_store(&database(from))
+    let source = subgate_server::open_store_for_reading(&database(from))
         .await
         .context("opening the source")?;
     let target = subgate_server::open_store(&database(to))

@@ -6,15 +6,21 @@
 //! writes are serialized (no `SQLITE_BUSY`, no lost updates), every answered write is durable,
 //! and a rejected write leaves nothing behind. Reads use a small pool of separate connections,
 //! which WAL mode lets run beside the writer.
+//!
+//! One process owns the file (a lock file says so), which lets it keep recently read profiles
+//! in memory: the writer invalidates what each commit touched before answering.
 
+mod cache;
 mod rows;
 mod schema;
 
 use async_trait::async_trait;
+use cache::ProfileCache;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -45,7 +51,11 @@ enum Job {
         reply: oneshot::Sender<Result<Outcome, WriteError>>,
     },
     /// Any other write: runs in its own savepoint, rolled back if it fails.
-    Exec(ExecJob),
+    Exec {
+        run: ExecJob,
+        /// It may change any profile (a bulk import): the whole cache goes.
+        changes_profiles: bool,
+    },
 }
 
 /// Each store's id, so the per-thread reader connections of one store never serve another
@@ -65,6 +75,37 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    cache: Arc<ProfileCache>,
+    /// Held while the store is open, unless opened only for reading; see [`lock_file`].
+    _lock: Option<File>,
+}
+
+/// Takes `<database>.lock`, so a second process cannot open the same file: its writes would
+/// bypass this one's writer and leave this one's cache stale. Several nodes share PostgreSQL,
+/// not a SQLite file.
+fn lock_file(path: &Path) -> Result<File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another Subgate process (it holds {}); stop it first, or use \
+             PostgreSQL to run several nodes",
+            path.display(),
+            lock_path.display()
+        ))),
+        Err(TryLockError::Error(e)) => Err(unavailable(format!(
+            "cannot lock {}: {e}",
+            lock_path.display()
+        ))),
+    }
 }
 
 /// Parses `sqlite://path`, `sqlite:path` and `sqlite:///absolute/path` into a file path.
@@ -98,12 +139,25 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file, migrates it and starts the writer.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
+    /// Opens the file as its owner, the only process that writes it. `cached_profiles`
+    /// bounds the profiles kept in memory for reads (0: none).
+    pub fn open(path: impl AsRef<Path>, cached_profiles: usize) -> Result<Self, StoreError> {
+        Self::open_with(path.as_ref(), cached_profiles, true)
+    }
+
+    /// Opens the file beside its owner, to read it (the source of a copy): no lock taken and
+    /// nothing cached. Writing through it would leave the owner's cache stale.
+    pub fn open_for_reading(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path.as_ref(), 0, false)
+    }
+
+    fn open_with(path: &Path, cached_profiles: usize, owner: bool) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
+        let lock = if owner { Some(lock_file(&path)?) } else { None };
         let mut writer_conn = open_connection(&path)?;
         schema::migrate(&mut writer_conn)?;
         // The writer touches pages all over the indexes; reading them back through syscalls
@@ -126,9 +180,11 @@ impl SqliteStore {
             .map(|_| open_connection(&path))
             .collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel();
+        let cache = Arc::new(ProfileCache::new(cached_profiles));
+        let writer_cache = Arc::clone(&cache);
         std::thread::Builder::new()
             .name("subgate-sqlite-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx))
+            .spawn(move || writer_loop(writer_conn, rx, &writer_cache))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             stop,
@@ -136,6 +192,8 @@ impl SqliteStore {
             path,
             writer: tx,
             readers: Arc::new(Mutex::new(readers)),
+            cache,
+            _lock: lock,
         })
     }
 
@@ -192,12 +250,29 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the writer thread, in the next group commit, and answers once committed.
+    /// `f` must leave profiles and transactions alone; see [`Self::exec_bulk`].
     async fn exec<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.exec_job(f, false).await
+    }
+
+    /// [`Self::exec`] for a job that may change any profile.
+    async fn exec_bulk<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.exec_job(f, true).await
+    }
+
+    async fn exec_job<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        changes_profiles: bool,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Job::Exec(Box::new(move |conn| {
+        let run: ExecJob = Box::new(move |conn| {
             let result = f(conn);
             let ok = result.is_ok();
             let finish: Finisher = Box::new(move |commit_error| {
@@ -209,7 +284,11 @@ impl SqliteStore {
                 let _ = reply.send(result);
             });
             (ok, finish)
-        })))?;
+        });
+        self.send(Job::Exec {
+            run,
+            changes_profiles,
+        })?;
         rx.await.map_err(|_| {
             StoreError::Unavailable("the database could not start a transaction".into())
         })?
@@ -227,8 +306,18 @@ impl Store for SqliteStore {
         &self,
         app_id: Uuid,
         key: &ProfileKey,
-    ) -> Result<Option<ProfileState>, StoreError> {
-        self.read_inline(|conn| rows::load_profile(conn, app_id, key))
+    ) -> Result<Option<Arc<ProfileState>>, StoreError> {
+        if let Some(hit) = self.cache.get(app_id, key) {
+            return Ok(Some(hit));
+        }
+        let seen = self.cache.epoch();
+        let state = self
+            .read_inline(|conn| rows::load_profile(conn, app_id, key))?
+            .map(Arc::new);
+        if let Some(state) = &state {
+            self.cache.insert(seen, state);
+        }
+        Ok(state)
     }
 
     async fn write(
@@ -287,7 +376,7 @@ impl Store for SqliteStore {
         profiles: Vec<ProfileState>,
         detached: Vec<DetachedTransaction>,
     ) -> Result<(), StoreError> {
-        self.exec(move |conn| rows::import(conn, &profiles, &detached))
+        self.exec_bulk(move |conn| rows::import(conn, &profiles, &detached))
             .await
     }
 
@@ -416,7 +505,7 @@ fn checkpoint_loop(conn: Connection, stop: &AtomicBool) {
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
-fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
+fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, cache: &ProfileCache) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -425,14 +514,25 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let (replies, commit_error) = run_batch(&mut conn, batch);
+        let (replies, commit_error, touched) = run_batch(&mut conn, batch);
+        // Before any answer, so a client never reads its own write's old state back.
+        match touched {
+            Touched::Profiles(ids) => cache.invalidate(&ids),
+            Touched::Everything => cache.clear(),
+        }
         for reply in replies {
             reply.send(commit_error.as_ref());
         }
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<StoreError>) {
+/// The profiles a batch may have changed, whether or not it committed.
+enum Touched {
+    Profiles(Vec<Uuid>),
+    Everything,
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<StoreError>, Touched) {
     let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -441,10 +541,12 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<Stor
                 .into_iter()
                 .map(|job| run_unbegun(job, &error))
                 .collect();
-            return (replies, Some(error));
+            return (replies, Some(error), Touched::Profiles(Vec::new()));
         }
     };
     let mut replies = Vec::with_capacity(batch.len());
+    let mut touched = Vec::new();
+    let mut touched_everything = false;
     for job in batch {
         match job {
             Job::Write {
@@ -453,10 +555,16 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<Stor
                 decide,
                 reply,
             } => {
-                let result = in_savepoint(&mut tx, |sp| rows::write(sp, app_id, &lookup, &decide));
+                let result = in_savepoint(&mut tx, |sp| {
+                    rows::write(sp, app_id, &lookup, &decide, &mut touched)
+                });
                 replies.push(Reply::Write(reply, result));
             }
-            Job::Exec(f) => {
+            Job::Exec {
+                run: f,
+                changes_profiles,
+            } => {
+                touched_everything |= changes_profiles;
                 let mut finish = None;
                 let _ = in_savepoint(&mut tx, |sp| {
                     let (ok, f) = f(sp);
@@ -473,12 +581,17 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<Stor
             }
         }
     }
+    let touched = if touched_everything {
+        Touched::Everything
+    } else {
+        Touched::Profiles(touched)
+    };
     match tx.commit() {
-        Ok(()) => (replies, None),
+        Ok(()) => (replies, None, touched),
         Err(e) => {
             let error = unavailable(e);
             tracing::error!(%error, "commit failed; the whole batch is rolled back");
-            (replies, Some(error))
+            (replies, Some(error), touched)
         }
     }
 }
@@ -493,7 +606,7 @@ fn run_unbegun(job: Job, error: &StoreError) -> Reply {
             ))),
         ),
         // Never run: dropping it drops its reply channel, which its caller reads as a 503.
-        Job::Exec(_) => Reply::Exec(Box::new(|_| {})),
+        Job::Exec { .. } => Reply::Exec(Box::new(|_| {})),
     }
 }
 

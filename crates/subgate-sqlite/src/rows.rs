@@ -325,8 +325,13 @@ pub fn write(
     app_id: Uuid,
     lookup: &Lookup,
     decide: &Decide,
+    touched: &mut Vec<Uuid>,
 ) -> Result<Outcome, WriteError> {
     let loaded = load(conn, app_id, lookup)?;
+    // Every profile this write may change: its own, and the former owners of what it moves.
+    touched.extend(loaded.profile.as_ref().map(|s| s.profile.id));
+    touched.extend(loaded.customer_user_id_owner);
+    touched.extend(loaded.related.iter().filter_map(|t| t.profile_id));
     match decide(&loaded)? {
         Change::Keep => Ok(Outcome::Kept(loaded.profile)),
         Change::Save {
@@ -334,6 +339,8 @@ pub fn write(
             transactions,
             events,
         } => {
+            touched.push(state.profile.id);
+            touched.extend(transactions.iter().filter_map(|t| t.profile_id));
             save_profile(conn, &state)?;
             for t in &transactions {
                 save_transaction(conn, app_id, t)?;

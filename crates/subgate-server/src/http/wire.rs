@@ -7,7 +7,6 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
-use uuid::Uuid;
 use subgate_core::access::{self, AccessLevelView, Source};
 use subgate_core::currency;
 use subgate_core::model::{
@@ -15,6 +14,7 @@ use subgate_core::model::{
     GRANT_PRODUCT_ID, GRANT_STORE,
 };
 use subgate_core::time::format_v2;
+use uuid::Uuid;
 
 pub(crate) fn attribute_value(v: &AttributeValue) -> Value {
     match v {
@@ -401,7 +401,10 @@ pub(crate) fn json_response(body: &impl Serialize) -> Response {
     let mut bytes = Vec::with_capacity(4096);
     match serde_json::to_writer(&mut bytes, body) {
         Ok(()) => (
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             bytes,
         )
             .into_response(),

@@ -35,6 +35,7 @@ mod postgres_only;
 mod profile;
 mod receiver;
 mod restart;
+mod sqlite_only;
 mod store_contract;
 mod stripe;
 mod transactions;

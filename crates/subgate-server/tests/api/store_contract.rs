@@ -196,7 +196,7 @@ async fn writes_read_back_and_rejections_change_nothing(backend: Backend) {
         ProfileKey::CustomerUserId("alice".into()),
     ] {
         let read = store.load_profile(APP, &key).await.unwrap().unwrap();
-        assert_eq!(read, written);
+        assert_eq!(*read, written);
         let ids: Vec<_> = read
             .transactions
             .iter()
@@ -434,7 +434,7 @@ async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
             .load_profile(APP, &ProfileKey::Id(p.profile.id))
             .await
             .unwrap();
-        assert_eq!(copy.as_ref(), Some(p));
+        assert_eq!(copy.as_deref(), Some(p));
     }
     assert_eq!(other.detached_after(None, 100).await.unwrap(), detached);
     // Importing again replaces rather than duplicates.

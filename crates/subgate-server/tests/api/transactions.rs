@@ -176,6 +176,27 @@ async fn deleted_profiles_keep_their_history_detached_until_the_chain_comes_back
     assert!(is_active(&p, "premium", now + Duration::days(1)));
 }
 
+async fn a_chain_restored_on_another_profile_leaves_the_first_one(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let now = s.now();
+    s.create("phone").await;
+    s.create("tablet").await;
+    s.transaction("phone", subscription("r1", "restored", now))
+        .await;
+    // Read first: a node that keeps profiles in memory now holds this one.
+    assert!(is_active(&s.get("phone").await, "premium", now));
+    s.transaction(
+        "tablet",
+        subscription("r2", "restored", now + Duration::days(1)),
+    )
+    .await;
+    let phone = s.get("phone").await;
+    assert_eq!(phone["subscriptions"], json!([]), "{phone}");
+    assert!(!is_active(&phone, "premium", now + Duration::days(1)));
+    let tablet = s.get("tablet").await;
+    assert_eq!(tablet["total_revenue_usd"], 19.98);
+}
+
 async fn web_and_mobile_see_the_same_access(backend: Backend) {
     // Use case 1: a web checkout records the purchase; the app asks by the same user id.
     let s = TestServer::start(backend).await;
@@ -212,4 +233,5 @@ on_every_backend!(
     custom_stores_currencies_and_offers,
     deleted_profiles_keep_their_history_detached_until_the_chain_comes_back,
     web_and_mobile_see_the_same_access,
+    a_chain_restored_on_another_profile_leaves_the_first_one,
 );

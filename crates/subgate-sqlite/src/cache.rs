@@ -1,0 +1,264 @@
+//! Profiles as last read, kept in memory so a repeated read skips SQLite and JSON decoding.
+//!
+//! Safe only because one process owns the file (see `FileLock`) and every write goes through
+//! its writer thread, which invalidates what it touched before it answers. A read that raced a
+//! commit must not store what it read: the cache's epoch moves on each invalidation, and a
+//! reader stores its result only if the epoch is still the one it saw before reading.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use subgate_core::model::{ProfileKey, ProfileState};
+use uuid::Uuid;
+
+pub struct ProfileCache {
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    epoch: u64,
+    by_id: HashMap<Uuid, Entry>,
+    /// `(app, customer_user_id)` to profile id; checked against the entry on use, so a stale
+    /// mapping is only a miss.
+    by_customer_user_id: HashMap<(Uuid, String), Uuid>,
+    /// Insertion order, for evicting the oldest entries first. An id whose stamp no longer
+    /// matches its entry was removed or inserted again since, and is skipped.
+    order: VecDeque<(Uuid, u64)>,
+    next_stamp: u64,
+}
+
+struct Entry {
+    state: Arc<ProfileState>,
+    stamp: u64,
+}
+
+/// The epoch a reader saw before it went to the database.
+#[derive(Clone, Copy)]
+pub struct Epoch(u64);
+
+impl ProfileCache {
+    /// A cache of at most `capacity` profiles; 0 keeps nothing.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The maps stay consistent even if a holder panicked: every update is a single insert
+        // or remove.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, app_id: Uuid, key: &ProfileKey) -> Option<Arc<ProfileState>> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let inner = self.lock();
+        let id = match key {
+            ProfileKey::Id(id) => *id,
+            ProfileKey::CustomerUserId(cuid) => {
+                *inner.by_customer_user_id.get(&(app_id, cuid.clone()))?
+            }
+        };
+        let state = &inner.by_id.get(&id)?.state;
+        let p = &state.profile;
+        let matches = p.app_id == app_id
+            && match key {
+                ProfileKey::Id(_) => true,
+                ProfileKey::CustomerUserId(cuid) => p.customer_user_id.as_ref() == Some(cuid),
+            };
+        matches.then(|| Arc::clone(state))
+    }
+
+    /// To be taken before reading the database.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.lock().epoch)
+    }
+
+    /// Stores what a read returned, unless a write was committed since `seen`.
+    pub fn insert(&self, seen: Epoch, state: &Arc<ProfileState>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.epoch != seen.0 {
+            return;
+        }
+        let p = &state.profile;
+        inner.remove(p.id);
+        let stamp = inner.next_stamp;
+        inner.next_stamp += 1;
+        let entry = Entry {
+            state: Arc::clone(state),
+            stamp,
+        };
+        inner.by_id.insert(p.id, entry);
+        inner.order.push_back((p.id, stamp));
+        if let Some(cuid) = &p.customer_user_id {
+            inner
+                .by_customer_user_id
+                .insert((p.app_id, cuid.clone()), p.id);
+        }
+        while inner.by_id.len() > self.capacity {
+            let Some((oldest, stamp)) = inner.order.pop_front() else {
+                break;
+            };
+            if inner.by_id.get(&oldest).is_some_and(|e| e.stamp == stamp) {
+                inner.remove(oldest);
+            }
+        }
+        // Skipped ids pile up when profiles are written and read again while the cache is not
+        // full; dropping them once they outnumber the live ones keeps this linear in entries.
+        if inner.order.len() > 2 * inner.by_id.len() + 64 {
+            let Inner { by_id, order, .. } = &mut *inner;
+            order.retain(|(id, stamp)| by_id.get(id).is_some_and(|e| e.stamp == *stamp));
+        }
+    }
+
+    /// Forgets the given profiles; called after a commit that changed them, before answering.
+    pub fn invalidate(&self, ids: &[Uuid]) {
+        let mut inner = self.lock();
+        inner.epoch += 1;
+        for id in ids {
+            inner.remove(*id);
+        }
+    }
+
+    /// Forgets everything, after a bulk change.
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        let epoch = inner.epoch + 1;
+        *inner = Inner {
+            epoch,
+            ..Inner::default()
+        };
+    }
+}
+
+impl Inner {
+    fn remove(&mut self, id: Uuid) {
+        if let Some(entry) = self.by_id.remove(&id) {
+            let p = &entry.state.profile;
+            if let Some(cuid) = &p.customer_user_id {
+                let key = (p.app_id, cuid.clone());
+                if self.by_customer_user_id.get(&key) == Some(&id) {
+                    self.by_customer_user_id.remove(&key);
+                }
+            }
+        }
+        // `order` keeps the id until it reaches the front or is compacted away: removing from
+        // the middle of a queue would cost a scan per write.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use subgate_core::model::Profile;
+
+    fn state(app_id: Uuid, cuid: &str) -> Arc<ProfileState> {
+        let now = Utc::now();
+        Arc::new(ProfileState {
+            profile: Profile {
+                id: Uuid::now_v7(),
+                app_id,
+                customer_user_id: Some(cuid.into()),
+                version: 1,
+                created_at: now,
+                updated_at: now,
+                doc: Default::default(),
+            },
+            transactions: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn finds_a_profile_by_either_key() {
+        let cache = ProfileCache::new(10);
+        let app = Uuid::now_v7();
+        let alice = state(app, "alice");
+        cache.insert(cache.epoch(), &alice);
+        let id = alice.profile.id;
+        assert!(cache.get(app, &ProfileKey::Id(id)).is_some());
+        assert!(cache
+            .get(app, &ProfileKey::CustomerUserId("alice".into()))
+            .is_some());
+        assert!(cache
+            .get(Uuid::now_v7(), &ProfileKey::CustomerUserId("alice".into()))
+            .is_none());
+        cache.invalidate(&[id]);
+        assert!(cache.get(app, &ProfileKey::Id(id)).is_none());
+        assert!(cache
+            .get(app, &ProfileKey::CustomerUserId("alice".into()))
+            .is_none());
+    }
+
+    #[test]
+    fn a_read_that_raced_a_write_is_not_kept() {
+        let cache = ProfileCache::new(10);
+        let app = Uuid::now_v7();
+        let seen = cache.epoch();
+        cache.invalidate(&[Uuid::now_v7()]);
+        let alice = state(app, "alice");
+        cache.insert(seen, &alice);
+        assert!(cache.get(app, &ProfileKey::Id(alice.profile.id)).is_none());
+    }
+
+    #[test]
+    fn keeps_at_most_its_capacity_evicting_the_oldest() {
+        let cache = ProfileCache::new(2);
+        let app = Uuid::now_v7();
+        let states: Vec<_> = ["a", "b", "c"].iter().map(|c| state(app, c)).collect();
+        for s in &states {
+            cache.insert(cache.epoch(), s);
+        }
+        let cached = |s: &Arc<ProfileState>| cache.get(app, &ProfileKey::Id(s.profile.id));
+        assert!(cached(&states[0]).is_none());
+        assert!(cached(&states[1]).is_some());
+        assert!(cached(&states[2]).is_some());
+        assert!(cache.lock().by_customer_user_id.len() <= 2);
+    }
+
+    #[test]
+    fn a_changed_customer_user_id_is_a_miss() {
+        let cache = ProfileCache::new(10);
+        let app = Uuid::now_v7();
+        let alice = state(app, "alice");
+        cache.insert(cache.epoch(), &alice);
+        let mut renamed = (*alice).clone();
+        renamed.profile.customer_user_id = Some("bob".into());
+        cache.insert(cache.epoch(), &Arc::new(renamed));
+        assert!(cache
+            .get(app, &ProfileKey::CustomerUserId("alice".into()))
+            .is_none());
+        assert!(cache
+            .get(app, &ProfileKey::CustomerUserId("bob".into()))
+            .is_some());
+    }
+
+    #[test]
+    fn rewritten_profiles_do_not_grow_the_eviction_queue() {
+        let cache = ProfileCache::new(100);
+        let alice = state(Uuid::now_v7(), "alice");
+        for _ in 0..1000 {
+            cache.invalidate(&[alice.profile.id]);
+            cache.insert(cache.epoch(), &alice);
+        }
+        assert_eq!(cache.lock().by_id.len(), 1);
+        assert!(cache.lock().order.len() <= 2 + 64);
+    }
+
+    #[test]
+    fn nothing_is_kept_with_capacity_zero() {
+        let cache = ProfileCache::new(0);
+        let alice = state(Uuid::now_v7(), "alice");
+        cache.insert(cache.epoch(), &alice);
+        assert!(cache
+            .get(alice.profile.app_id, &ProfileKey::Id(alice.profile.id))
+            .is_none());
+    }
+}
