@@ -18,31 +18,49 @@ pub fn parse_datetime(input: &str) -> Option<DateTime<Utc>> {
     None
 }
 
-/// Every response carries several dates; chrono's `format` parses its pattern on each call,
-/// which showed in profiles of the read path. Years outside 0..=9999 never pass validation.
-fn format_micros(dt: &DateTime<Utc>, offset: &str) -> String {
+/// Room for `YYYY-MM-DDTHH:MM:SS.ffffff+00:00`.
+pub type DateBuf = [u8; 32];
+
+/// Every response carries several dates; chrono's `format` parses its pattern on each call, and
+/// even `format!` showed in profiles of the read path, so the digits are written by hand.
+/// Years outside 0..=9999 never pass validation (and would show as their last four digits).
+fn write_micros<'a>(dt: &DateTime<Utc>, offset: &str, buf: &'a mut DateBuf) -> &'a str {
     use chrono::{Datelike, Timelike};
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}{offset}",
-        dt.year(),
-        dt.month(),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        // A leap second carries its extra second in the fraction.
-        dt.timestamp_subsec_micros().min(999_999)
-    )
+    fn digits(buf: &mut [u8], mut value: u32) {
+        for slot in buf.iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    let year = u32::try_from(dt.year()).unwrap_or(0);
+    *buf = *b"0000-00-00T00:00:00.000000+00:00";
+    digits(&mut buf[0..4], year);
+    digits(&mut buf[5..7], dt.month());
+    digits(&mut buf[8..10], dt.day());
+    digits(&mut buf[11..13], dt.hour());
+    digits(&mut buf[14..16], dt.minute());
+    digits(&mut buf[17..19], dt.second());
+    // A leap second carries its extra second in the fraction.
+    digits(&mut buf[20..26], dt.timestamp_subsec_micros().min(999_999));
+    let end = 26 + offset.len().min(6);
+    buf[26..end].copy_from_slice(&offset.as_bytes()[..end - 26]);
+    // Only ASCII digits and the punctuation above were written.
+    std::str::from_utf8(&buf[..end]).unwrap_or_default()
 }
 
 /// v2 dates: `2024-12-24T10:50:23.000000+00:00`.
 pub fn format_v2(dt: &DateTime<Utc>) -> String {
-    format_micros(dt, "+00:00")
+    format_v2_into(dt, &mut [0; 32]).to_owned()
+}
+
+/// [`format_v2`] into a caller's buffer, for serializers that need no `String`.
+pub fn format_v2_into<'a>(dt: &DateTime<Utc>, buf: &'a mut DateBuf) -> &'a str {
+    write_micros(dt, "+00:00", buf)
 }
 
 /// v1 and webhook dates: `2020-02-21T16:30:34.000000+0000`.
 pub fn format_v1(dt: &DateTime<Utc>) -> String {
-    format_micros(dt, "+0000")
+    write_micros(dt, "+0000", &mut [0; 32]).to_owned()
 }
 
 /// Human form used inside error messages, as Adapty's examples show it.

@@ -13,7 +13,7 @@ use subgate_core::model::{
     App, AttributeValue, Grant, Offer, ProductKind, ProfileState, PurchaseType, Transaction,
     GRANT_PRODUCT_ID, GRANT_STORE,
 };
-use subgate_core::time::format_v2;
+use subgate_core::time::format_v2_into;
 use uuid::Uuid;
 
 pub(crate) fn attribute_value(v: &AttributeValue) -> Value {
@@ -31,7 +31,7 @@ struct V2Date(Option<DateTime<Utc>>);
 impl Serialize for V2Date {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match &self.0 {
-            Some(d) => s.serialize_str(&format_v2(d)),
+            Some(d) => s.serialize_str(format_v2_into(d, &mut [0; 32])),
             None => s.serialize_none(),
         }
     }
