@@ -16,7 +16,7 @@ use crate::store::{
 };
 use crate::time;
 use crate::transaction::{self, TransactionInput};
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -244,8 +244,10 @@ fn existing(loaded: &Loaded, missing: Missing) -> Result<&ProfileState, ApiError
 }
 
 impl Services {
+    /// Microseconds are what both stores keep, so a saved state reads back exactly as it was
+    /// written (the SQLite store caches what it wrote).
     pub fn now(&self) -> DateTime<Utc> {
-        self.clock.now()
+        self.clock.now().trunc_subsecs(6)
     }
 
     pub async fn get_profile(

@@ -84,46 +84,23 @@ impl ProfileCache {
             return;
         }
         let mut inner = self.lock();
-        if inner.epoch != seen.0 {
-            return;
-        }
-        let p = &state.profile;
-        inner.remove(p.id);
-        let stamp = inner.next_stamp;
-        inner.next_stamp += 1;
-        let entry = Entry {
-            state: Arc::clone(state),
-            stamp,
-        };
-        inner.by_id.insert(p.id, entry);
-        inner.order.push_back((p.id, stamp));
-        if let Some(cuid) = &p.customer_user_id {
-            inner
-                .by_customer_user_id
-                .insert((p.app_id, cuid.clone()), p.id);
-        }
-        while inner.by_id.len() > self.capacity {
-            let Some((oldest, stamp)) = inner.order.pop_front() else {
-                break;
-            };
-            if inner.by_id.get(&oldest).is_some_and(|e| e.stamp == stamp) {
-                inner.remove(oldest);
-            }
-        }
-        // Skipped ids pile up when profiles are written and read again while the cache is not
-        // full; dropping them once they outnumber the live ones keeps this linear in entries.
-        if inner.order.len() > 2 * inner.by_id.len() + 64 {
-            let Inner { by_id, order, .. } = &mut *inner;
-            order.retain(|(id, stamp)| by_id.get(id).is_some_and(|e| e.stamp == *stamp));
+        if inner.epoch == seen.0 {
+            inner.put(self.capacity, state);
         }
     }
 
-    /// Forgets the given profiles; called after a commit that changed them, before answering.
-    pub fn invalidate(&self, ids: &[Uuid]) {
+    /// After a commit: forgets what it touched, then keeps what it saved (the writer knows the
+    /// committed state, so the next read or write of it needs no database).
+    pub fn committed(&self, touched: &[Uuid], saved: Vec<Arc<ProfileState>>) {
         let mut inner = self.lock();
         inner.epoch += 1;
-        for id in ids {
+        for id in touched {
             inner.remove(*id);
+        }
+        if self.capacity > 0 {
+            for state in &saved {
+                inner.put(self.capacity, state);
+            }
         }
     }
 
@@ -139,6 +116,38 @@ impl ProfileCache {
 }
 
 impl Inner {
+    fn put(&mut self, capacity: usize, state: &Arc<ProfileState>) {
+        let p = &state.profile;
+        self.remove(p.id);
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        let entry = Entry {
+            state: Arc::clone(state),
+            stamp,
+        };
+        self.by_id.insert(p.id, entry);
+        self.order.push_back((p.id, stamp));
+        if let Some(cuid) = &p.customer_user_id {
+            self
+                .by_customer_user_id
+                .insert((p.app_id, cuid.clone()), p.id);
+        }
+        while self.by_id.len() > capacity {
+            let Some((oldest, stamp)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_id.get(&oldest).is_some_and(|e| e.stamp == stamp) {
+                self.remove(oldest);
+            }
+        }
+        // Skipped ids pile up when profiles are written and read again while the cache is not
+        // full; dropping them once they outnumber the live ones keeps this linear in entries.
+        if self.order.len() > 2 * self.by_id.len() + 64 {
+            let Inner { by_id, order, .. } = self;
+            order.retain(|(id, stamp)| by_id.get(id).is_some_and(|e| e.stamp == *stamp));
+        }
+    }
+
     fn remove(&mut self, id: Uuid) {
         if let Some(entry) = self.by_id.remove(&id) {
             let p = &entry.state.profile;
@@ -190,7 +199,7 @@ mod tests {
         assert!(cache
             .get(Uuid::now_v7(), &ProfileKey::CustomerUserId("alice".into()))
             .is_none());
-        cache.invalidate(&[id]);
+        cache.committed(&[id], Vec::new());
         assert!(cache.get(app, &ProfileKey::Id(id)).is_none());
         assert!(cache
             .get(app, &ProfileKey::CustomerUserId("alice".into()))
@@ -202,7 +211,7 @@ mod tests {
         let cache = ProfileCache::new(10);
         let app = Uuid::now_v7();
         let seen = cache.epoch();
-        cache.invalidate(&[Uuid::now_v7()]);
+        cache.committed(&[Uuid::now_v7()], Vec::new());
         let alice = state(app, "alice");
         cache.insert(seen, &alice);
         assert!(cache.get(app, &ProfileKey::Id(alice.profile.id)).is_none());
@@ -245,7 +254,7 @@ mod tests {
         let cache = ProfileCache::new(100);
         let alice = state(Uuid::now_v7(), "alice");
         for _ in 0..1000 {
-            cache.invalidate(&[alice.profile.id]);
+            cache.committed(&[alice.profile.id], Vec::new());
             cache.insert(cache.epoch(), &alice);
         }
         assert_eq!(cache.lock().by_id.len(), 1);

@@ -514,10 +514,13 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, cache: &ProfileC
                 Err(_) => break,
             }
         }
-        let (replies, commit_error, touched) = run_batch(&mut conn, batch);
+        let (replies, commit_error, touched) = run_batch(&mut conn, batch, cache);
         // Before any answer, so a client never reads its own write's old state back.
         match touched {
-            Touched::Profiles(ids) => cache.invalidate(&ids),
+            Touched::Profiles { ids, saved } if commit_error.is_none() => {
+                cache.committed(&ids, saved)
+            }
+            Touched::Profiles { ids, .. } => cache.committed(&ids, Vec::new()),
             Touched::Everything => cache.clear(),
         }
         for reply in replies {
@@ -526,13 +529,21 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, cache: &ProfileC
     }
 }
 
-/// The profiles a batch may have changed, whether or not it committed.
+/// The profiles a batch may have changed, whether or not it committed, and the states it
+/// saved that no later job of the batch touched again.
 enum Touched {
-    Profiles(Vec<Uuid>),
+    Profiles {
+        ids: Vec<Uuid>,
+        saved: Vec<Arc<ProfileState>>,
+    },
     Everything,
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<StoreError>, Touched) {
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<Job>,
+    cache: &ProfileCache,
+) -> (Vec<Reply>, Option<StoreError>, Touched) {
     let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -541,11 +552,16 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<Stor
                 .into_iter()
                 .map(|job| run_unbegun(job, &error))
                 .collect();
-            return (replies, Some(error), Touched::Profiles(Vec::new()));
+            let nothing = Touched::Profiles {
+                ids: Vec::new(),
+                saved: Vec::new(),
+            };
+            return (replies, Some(error), nothing);
         }
     };
     let mut replies = Vec::with_capacity(batch.len());
     let mut touched = Vec::new();
+    let mut latest: HashMap<Uuid, Option<Arc<ProfileState>>> = HashMap::new();
     let mut touched_everything = false;
     for job in batch {
         match job {
@@ -555,9 +571,21 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<Stor
                 decide,
                 reply,
             } => {
+                let before = touched.len();
+                let cached = |key: &ProfileKey| {
+                    cache
+                        .get(app_id, key)
+                        .filter(|s| !touched_everything && !latest.contains_key(&s.profile.id))
+                };
                 let result = in_savepoint(&mut tx, |sp| {
-                    rows::write(sp, app_id, &lookup, &decide, &mut touched)
+                    rows::write(sp, app_id, &lookup, &decide, &cached, &mut touched)
                 });
+                for id in &touched[before..] {
+                    latest.insert(*id, None);
+                }
+                if let Ok(Outcome::Saved(state)) = &result {
+                    latest.insert(state.profile.id, Some(Arc::new(state.clone())));
+                }
                 replies.push(Reply::Write(reply, result));
             }
             Job::Exec {
@@ -584,7 +612,10 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>) -> (Vec<Reply>, Option<Stor
     let touched = if touched_everything {
         Touched::Everything
     } else {
-        Touched::Profiles(touched)
+        Touched::Profiles {
+            ids: touched,
+            saved: latest.into_values().flatten().collect(),
+        }
     };
     match tx.commit() {
         Ok(()) => (replies, None, touched),

@@ -12,6 +12,7 @@ use subgate_core::store::{
     DueExpiry, Loaded, Lookup, Outcome, StoreError, StoredEvent, WriteError,
 };
 use subgate_core::time::{from_micros, to_micros};
+use std::sync::Arc;
 use uuid::Uuid;
 
 fn storage(e: rusqlite::Error) -> StoreError {
@@ -136,17 +137,42 @@ pub fn load_profile(
         .transpose()
 }
 
-fn load(conn: &Connection, app_id: Uuid, lookup: &Lookup) -> Result<Loaded, StoreError> {
+/// A profile as committed, if the writer may use it in place of reading the database (it is
+/// cached, and no earlier job of the running batch touched it).
+pub type CachedProfile<'a> = &'a dyn Fn(&ProfileKey) -> Option<Arc<ProfileState>>;
+
+fn load(
+    conn: &Connection,
+    app_id: Uuid,
+    lookup: &Lookup,
+    cached: CachedProfile<'_>,
+) -> Result<Loaded, StoreError> {
     let key = match (&lookup.profile_id, &lookup.customer_user_id) {
         (Some(id), _) => Some(ProfileKey::Id(*id)),
         (None, Some(cuid)) => Some(ProfileKey::CustomerUserId(cuid.clone())),
         (None, None) => None,
     };
-    let profile = match key {
-        Some(key) => load_profile(conn, app_id, &key)?,
+    let profile = match &key {
+        Some(key) => match cached(key) {
+            Some(state) => {
+                // Every test build checks the cache against the database.
+                #[cfg(debug_assertions)]
+                assert_eq!(
+                    load_profile(conn, app_id, key)?.as_ref(),
+                    Some(&*state),
+                    "a cached profile differs from the database"
+                );
+                Some(ProfileState::clone(&state))
+            }
+            None => load_profile(conn, app_id, key)?,
+        },
         None => None,
     };
     let customer_user_id_owner = match &lookup.customer_user_id {
+        // Found by that customer user id: it is the owner, or there is none.
+        Some(_) if matches!(key, Some(ProfileKey::CustomerUserId(_))) => {
+            profile.as_ref().map(|s| s.profile.id)
+        }
         Some(cuid) => conn
             .prepare_cached("SELECT id FROM profiles WHERE app_id = ?1 AND customer_user_id = ?2")
             .and_then(|mut s| {
@@ -325,13 +351,16 @@ pub fn write(
     app_id: Uuid,
     lookup: &Lookup,
     decide: &Decide,
+    cached: CachedProfile<'_>,
     touched: &mut Vec<Uuid>,
 ) -> Result<Outcome, WriteError> {
-    let loaded = load(conn, app_id, lookup)?;
-    // Every profile this write may change: its own, and the former owners of what it moves.
-    touched.extend(loaded.profile.as_ref().map(|s| s.profile.id));
-    touched.extend(loaded.customer_user_id_owner);
-    touched.extend(loaded.related.iter().filter_map(|t| t.profile_id));
+    let loaded = load(conn, app_id, lookup, cached)?;
+    // Every profile a change may touch: its own, and the former owners of what it moves.
+    let touch = |touched: &mut Vec<Uuid>| {
+        touched.extend(loaded.profile.as_ref().map(|s| s.profile.id));
+        touched.extend(loaded.customer_user_id_owner);
+        touched.extend(loaded.related.iter().filter_map(|t| t.profile_id));
+    };
     match decide(&loaded)? {
         Change::Keep => Ok(Outcome::Kept(loaded.profile)),
         Change::Save {
@@ -339,6 +368,7 @@ pub fn write(
             transactions,
             events,
         } => {
+            touch(touched);
             touched.push(state.profile.id);
             touched.extend(transactions.iter().filter_map(|t| t.profile_id));
             save_profile(conn, &state)?;
@@ -348,9 +378,17 @@ pub fn write(
             for e in &events {
                 insert_event(conn, app_id, e)?;
             }
+            // The writer hands this state to the cache as the profile's committed form, so it
+            // must be exactly what a read returns; every test build checks that it is.
+            #[cfg(debug_assertions)]
+            {
+                let read = load_profile(conn, app_id, &ProfileKey::Id(state.profile.id))?;
+                assert_eq!(read.as_ref(), Some(&state), "a saved state differs from its read");
+            }
             Ok(Outcome::Saved(state))
         }
         Change::Delete { profile } => {
+            touch(touched);
             let (app, id) = (app_id.to_string(), profile.id.to_string());
             conn.prepare_cached(
                 "UPDATE transactions SET profile_id = NULL WHERE app_id = ?1 AND profile_id = ?2",
