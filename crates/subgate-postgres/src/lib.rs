@@ -9,6 +9,7 @@
 //! and this time sees the winner's row. Serialization failures and deadlocks are retried the
 //! same way; `decide` is pure, so re-running it is safe.
 
+mod reads;
 mod rows;
 mod schema;
 
@@ -16,7 +17,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::{mpsc, oneshot};
 use std::time::Duration;
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
@@ -49,6 +51,8 @@ impl Default for PgOptions {
 
 pub struct PgStore {
     pool: Pool,
+    /// The profile read batchers, started with the first read (they need a runtime).
+    reads: OnceLock<mpsc::UnboundedSender<reads::ReadRequest>>,
 }
 
 /// Why one attempt at a write did not finish.
@@ -182,7 +186,10 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Internal(format!("cannot build the connection pool: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            reads: OnceLock::new(),
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -220,13 +227,20 @@ impl Store for PgStore {
         app_id: Uuid,
         key: &ProfileKey,
     ) -> Result<Option<Arc<ProfileState>>, StoreError> {
-        bounded("a profile read", async {
-            let client = self.client().await?;
-            Ok(rows::load_profile(&client, app_id, key)
-                .await?
-                .map(Arc::new))
-        })
-        .await
+        let (reply, answer) = oneshot::channel();
+        let request = reads::ReadRequest {
+            app_id,
+            key: key.clone(),
+            reply,
+        };
+        self.reads
+            .get_or_init(|| reads::start(self.pool.clone()))
+            .send(request)
+            .map_err(|_| StoreError::Internal("the profile readers have stopped".into()))?;
+        let state = answer
+            .await
+            .map_err(|_| StoreError::Internal("a profile read was dropped".into()))??;
+        Ok(state.map(Arc::new))
     }
 
     async fn write(

@@ -64,27 +64,55 @@ fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
         .map_err(|e| StoreError::Internal(format!("unreadable column {index}: {e}")))
 }
 
-pub async fn load_profile(
+/// Several profiles, each by id or customer user id, in one statement (one snapshot); the
+/// answer lines up with `keys`.
+pub async fn load_profiles(
     client: &impl GenericClient,
-    app_id: Uuid,
-    key: &ProfileKey,
-) -> Result<Option<ProfileState>, StoreError> {
-    let row = match key {
-        ProfileKey::Id(id) => {
-            let sql = format!("{PROFILE_WITH_TRANSACTIONS} WHERE p.app_id = $1 AND p.id = $2");
-            let stmt = client.prepare_cached(&sql).await.map_err(classify)?;
-            client.query_opt(&stmt, &[&app_id, id]).await
-        }
-        ProfileKey::CustomerUserId(cuid) => {
-            let sql = format!(
-                "{PROFILE_WITH_TRANSACTIONS} WHERE p.app_id = $1 AND p.customer_user_id = $2"
-            );
-            let stmt = client.prepare_cached(&sql).await.map_err(classify)?;
-            client.query_opt(&stmt, &[&app_id, cuid]).await
-        }
+    keys: &[(Uuid, &ProfileKey)],
+) -> Result<Vec<Option<ProfileState>>, StoreError> {
+    const SQL: &str = "
+        SELECT p.app_id, p.id, p.customer_user_id, p.version, p.created_at, p.updated_at, p.doc,
+            COALESCE((SELECT json_agg(t.data ORDER BY t.position) FROM transactions t
+                      WHERE t.app_id = p.app_id AND t.profile_id = p.id), '[]'::json),
+            k.i
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(app_id, id, cuid, i)
+        CROSS JOIN LATERAL (
+            SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc
+            FROM profiles WHERE app_id = k.app_id AND id = k.id
+            UNION ALL
+            SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc
+            FROM profiles WHERE app_id = k.app_id AND customer_user_id = k.cuid
+        ) p";
+    let apps: Vec<Uuid> = keys.iter().map(|(app, _)| *app).collect();
+    let ids: Vec<Option<Uuid>> = keys
+        .iter()
+        .map(|(_, key)| match key {
+            ProfileKey::Id(id) => Some(*id),
+            ProfileKey::CustomerUserId(_) => None,
+        })
+        .collect();
+    let cuids: Vec<Option<&str>> = keys
+        .iter()
+        .map(|(_, key)| match key {
+            ProfileKey::Id(_) => None,
+            ProfileKey::CustomerUserId(cuid) => Some(cuid.as_str()),
+        })
+        .collect();
+    let stmt = client.prepare_cached(SQL).await.map_err(classify)?;
+    let rows = client
+        .query(&stmt, &[&apps, &ids, &cuids])
+        .await
+        .map_err(classify)?;
+    let mut found: Vec<Option<ProfileState>> = keys.iter().map(|_| None).collect();
+    for row in &rows {
+        let ordinal: i64 = get(row, 8)?;
+        let slot = usize::try_from(ordinal - 1)
+            .ok()
+            .and_then(|i| found.get_mut(i))
+            .ok_or_else(|| StoreError::Internal(format!("a read answered key {ordinal}")))?;
+        *slot = Some(state_from(row)?);
     }
-    .map_err(classify)?;
-    row.as_ref().map(state_from).transpose()
+    Ok(found)
 }
 
 /// Locks the profile row a write names. Its transactions are read by a later statement: under

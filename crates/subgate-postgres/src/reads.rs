@@ -1,0 +1,80 @@
+//! Profile reads, batched: the reads waiting at one moment go to PostgreSQL as one statement.
+//!
+//! A point read costs PostgreSQL far more in per-statement work (a round trip, bind, execute,
+//! a context switch on each side) than in finding the row. A few batcher tasks each take every
+//! read queued when they become free and answer them from one statement. That statement starts
+//! after every one of its reads arrived and sees one snapshot, so each read still sees every
+//! write answered before it was asked.
+
+use crate::rows;
+use deadpool_postgres::Pool;
+use std::sync::Arc;
+use subgate_core::model::{ProfileKey, ProfileState};
+use subgate_core::store::StoreError;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use uuid::Uuid;
+
+/// Statements in flight at once; each holds one pooled connection while it runs.
+const BATCHERS: usize = 4;
+/// Reads answered by one statement at most.
+const MAX_BATCH: usize = 128;
+
+pub struct ReadRequest {
+    pub app_id: Uuid,
+    pub key: ProfileKey,
+    pub reply: oneshot::Sender<Result<Option<ProfileState>, StoreError>>,
+}
+
+/// Starts the batchers; they stop when the returned sender and its clones are dropped.
+pub fn start(pool: Pool) -> mpsc::UnboundedSender<ReadRequest> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rx = Arc::new(Mutex::new(rx));
+    for _ in 0..BATCHERS {
+        let (rx, pool) = (Arc::clone(&rx), pool.clone());
+        tokio::spawn(async move {
+            while let Some(batch) = next_batch(&rx).await {
+                answer(&pool, batch).await;
+            }
+        });
+    }
+    tx
+}
+
+async fn next_batch(rx: &Mutex<mpsc::UnboundedReceiver<ReadRequest>>) -> Option<Vec<ReadRequest>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+async fn answer(pool: &Pool, batch: Vec<ReadRequest>) {
+    let keys: Vec<(Uuid, &ProfileKey)> = batch.iter().map(|r| (r.app_id, &r.key)).collect();
+    let found = crate::bounded("a profile read", async {
+        let client = pool.get().await.map_err(crate::pool_error)?;
+        rows::load_profiles(&client, &keys).await
+    })
+    .await;
+    match found {
+        Ok(mut states) => {
+            for (request, state) in batch.into_iter().zip(states.iter_mut()) {
+                // A caller that went away no longer needs the answer.
+                let _ = request.reply.send(Ok(state.take()));
+            }
+        }
+        Err(e) => {
+            for request in batch {
+                let copy = match &e {
+                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                    StoreError::Internal(m) => StoreError::Internal(m.clone()),
+                };
+                let _ = request.reply.send(Err(copy));
+            }
+        }
+    }
+}
