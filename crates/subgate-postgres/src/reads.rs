@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 /// Statements in flight at once; each holds one pooled connection while it runs.
-const BATCHERS: usize = 4;
+const BATCHERS: usize = 2;
 /// Reads answered by one statement at most.
 const MAX_BATCH: usize = 128;
 
