@@ -18,13 +18,13 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
-use tokio::sync::{mpsc, oneshot};
 use std::time::Duration;
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
     Counts, Decide, DeliveryResult, DetachedTransaction, DueExpiry, Lookup, Outcome, Store,
     StoreError, StoredEvent, WriteError,
 };
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 use uuid::Uuid;

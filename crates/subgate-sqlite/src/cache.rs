@@ -128,8 +128,7 @@ impl Inner {
         self.by_id.insert(p.id, entry);
         self.order.push_back((p.id, stamp));
         if let Some(cuid) = &p.customer_user_id {
-            self
-                .by_customer_user_id
+            self.by_customer_user_id
                 .insert((p.app_id, cuid.clone()), p.id);
         }
         while self.by_id.len() > capacity {

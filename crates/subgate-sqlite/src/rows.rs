@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
+use std::sync::Arc;
 use subgate_core::events::NewEvent;
 use subgate_core::model::Environment;
 use subgate_core::model::{
@@ -12,7 +13,6 @@ use subgate_core::store::{
     DueExpiry, Loaded, Lookup, Outcome, StoreError, StoredEvent, WriteError,
 };
 use subgate_core::time::{from_micros, to_micros};
-use std::sync::Arc;
 use uuid::Uuid;
 
 fn storage(e: rusqlite::Error) -> StoreError {
@@ -383,7 +383,11 @@ pub fn write(
             #[cfg(debug_assertions)]
             {
                 let read = load_profile(conn, app_id, &ProfileKey::Id(state.profile.id))?;
-                assert_eq!(read.as_ref(), Some(&state), "a saved state differs from its read");
+                assert_eq!(
+                    read.as_ref(),
+                    Some(&state),
+                    "a saved state differs from its read"
+                );
             }
             Ok(Outcome::Saved(state))
         }
