@@ -7,7 +7,8 @@
 //! exist yet (a new profile, a new customer user id, a new store transaction) is guarded by the
 //! unique indexes instead: the losing writer gets a unique violation, rolls back and runs again,
 //! and this time sees the winner's row. Serialization failures and deadlocks are retried the
-//! same way; `decide` is pure, so re-running it is safe.
+//! same way; `decide` is pure, so re-running it is safe. Profile reads waiting at the same
+//! moment share one statement (see `reads`).
 
 mod reads;
 mod rows;
@@ -61,6 +62,9 @@ pub(crate) enum Failure {
     Conflict(String),
     Rejected(subgate_core::error::ApiError),
     Store(StoreError),
+    /// Refused because an earlier statement of the transaction failed (25P02): never the
+    /// cause itself; see `rows::cause`.
+    Aborted(String),
 }
 
 impl From<StoreError> for Failure {
@@ -78,6 +82,8 @@ impl From<tokio_postgres::Error> for Failure {
         });
         if conflict {
             Failure::Conflict(e.to_string())
+        } else if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) {
+            Failure::Aborted(describe(&e))
         } else {
             Failure::Store(classify(e))
         }
@@ -272,6 +278,7 @@ impl Store for PgStore {
                 Ok(outcome) => return Ok(outcome),
                 Err(Failure::Rejected(e)) => return Err(WriteError::Rejected(e)),
                 Err(Failure::Store(e)) => return Err(WriteError::Store(e)),
+                Err(Failure::Aborted(m)) => return Err(WriteError::Store(StoreError::Internal(m))),
                 Err(Failure::Conflict(reason)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(attempt, %reason, "write lost a race; running it again");
                     // A little jitter keeps two losers from colliding again in lockstep.

@@ -64,6 +64,24 @@ fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
         .map_err(|e| StoreError::Internal(format!("unreadable column {index}: {e}")))
 }
 
+/// The failure behind a pipelined group's failures. Once one statement fails, PostgreSQL
+/// refuses the rest of the transaction (25P02), and such a refusal can be seen before the
+/// failure that caused it; the cause decides whether the write runs again.
+fn cause(failures: impl IntoIterator<Item = Failure>) -> Failure {
+    let mut refusal = None;
+    for failure in failures {
+        match failure {
+            Failure::Aborted(m) => {
+                refusal.get_or_insert(m);
+            }
+            cause => return cause,
+        }
+    }
+    Failure::Store(StoreError::Internal(
+        refusal.unwrap_or_else(|| "a pipelined statement failed".into()),
+    ))
+}
+
 /// Several profiles, each by id or customer user id, in one statement (one snapshot); the
 /// answer lines up with `keys`.
 pub async fn load_profiles(
@@ -229,11 +247,14 @@ async fn load(
             None => Ok(Vec::new()),
         }
     };
-    let (transactions, customer_user_id_owner, related) = tokio::try_join!(
+    let (transactions, customer_user_id_owner, related) = match tokio::join!(
         profile_transactions(client, profile.as_ref()),
         owner,
         related
-    )?;
+    ) {
+        (Ok(transactions), Ok(owner), Ok(related)) => (transactions, owner, related),
+        (a, b, c) => return Err(cause([a.err(), b.err(), c.err()].into_iter().flatten())),
+    };
     Ok(Loaded {
         profile: profile.map(|profile| ProfileState {
             profile,
@@ -442,7 +463,10 @@ pub async fn write(
                     Ok(())
                 }));
             }
-            futures_util::future::try_join_all(steps).await?;
+            let results = futures_util::future::join_all(steps).await;
+            if results.iter().any(Result::is_err) {
+                return Err(cause(results.into_iter().filter_map(Result::err)));
+            }
             Ok(Outcome::Saved(state))
         }
         Change::Delete { profile } => {
