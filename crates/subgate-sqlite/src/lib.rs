@@ -138,9 +138,9 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file, migrates it and starts the writer.
-    /// Opens the file as its owner, the only process that writes it. `cached_profiles`
-    /// bounds the profiles kept in memory for reads (0: none).
+    /// Opens (creating if needed) the database file as its owner, the only process that
+    /// writes it, migrates it and starts the writer. `cached_profiles` bounds the profiles
+    /// kept in memory (0: none).
     pub fn open(path: impl AsRef<Path>, cached_profiles: usize) -> Result<Self, StoreError> {
         Self::open_with(path.as_ref(), cached_profiles, true)
     }
