@@ -148,6 +148,21 @@ async fn start_server(dir: &Path, config: &Path, url: &str) -> anyhow::Result<Se
 }
 
 /// A fresh database URL for `backend` at `size`.
+/// The load (and its VACUUM) wrote gigabytes of WAL; without a checkpoint now, PostgreSQL
+/// starts one during the measured writes, which then pay its full-page images. Best effort:
+/// CHECKPOINT needs a superuser or `pg_checkpoint`.
+async fn checkpoint(url: &str) {
+    let result = async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client.batch_execute("CHECKPOINT").await
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("postgres: no checkpoint after seeding ({e}); writes may pay for one");
+    }
+}
+
 async fn fresh_database(args: &Args, backend: &str, size: u64) -> anyhow::Result<String> {
     match backend {
         "sqlite" => {
@@ -260,6 +275,9 @@ async fn main() -> anyhow::Result<()> {
                 let seconds = seed::seed(&*store, app.id, size).await?;
                 store.after_bulk_load().await?;
                 drop(store);
+                if backend == "postgres" {
+                    checkpoint(&args.postgres_url).await;
+                }
                 seconds
             };
             eprintln!(
