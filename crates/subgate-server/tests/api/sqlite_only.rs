@@ -15,7 +15,9 @@ async fn a_second_process_on_the_same_file_is_refused_clearly() {
         .unwrap();
     assert_eq!(status, 200);
 
+    // Without a config it writes a demo one into its working directory: the test's own.
     let second = Command::new(env!("CARGO_BIN_EXE_subgate"))
+        .current_dir(db.dir.path())
         .args([
             "serve",
             "--listen",
