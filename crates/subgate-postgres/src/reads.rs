@@ -69,11 +69,7 @@ async fn answer(pool: &Pool, batch: Vec<ReadRequest>) {
         }
         Err(e) => {
             for request in batch {
-                let copy = match &e {
-                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                    StoreError::Internal(m) => StoreError::Internal(m.clone()),
-                };
-                let _ = request.reply.send(Err(copy));
+                let _ = request.reply.send(Err(e.clone()));
             }
         }
     }

@@ -19,9 +19,10 @@ pub struct ProfileCache {
 struct Inner {
     epoch: u64,
     by_id: HashMap<Uuid, Entry>,
-    /// `(app, customer_user_id)` to profile id; checked against the entry on use, so a stale
-    /// mapping is only a miss.
-    by_customer_user_id: HashMap<(Uuid, String), Uuid>,
+    /// App, then customer user id, to profile id (nested so a read looks it up by `&str`,
+    /// without building a key); checked against the entry on use, so a stale mapping is only a
+    /// miss.
+    by_customer_user_id: HashMap<Uuid, HashMap<String, Uuid>>,
     /// Insertion order, for evicting the oldest entries first. An id whose stamp no longer
     /// matches its entry was removed or inserted again since, and is skipped.
     order: VecDeque<(Uuid, u64)>,
@@ -60,7 +61,7 @@ impl ProfileCache {
         let id = match key {
             ProfileKey::Id(id) => *id,
             ProfileKey::CustomerUserId(cuid) => {
-                *inner.by_customer_user_id.get(&(app_id, cuid.clone()))?
+                *inner.by_customer_user_id.get(&app_id)?.get(cuid.as_str())?
             }
         };
         let state = &inner.by_id.get(&id)?.state;
@@ -129,7 +130,9 @@ impl Inner {
         self.order.push_back((p.id, stamp));
         if let Some(cuid) = &p.customer_user_id {
             self.by_customer_user_id
-                .insert((p.app_id, cuid.clone()), p.id);
+                .entry(p.app_id)
+                .or_default()
+                .insert(cuid.clone(), p.id);
         }
         while self.by_id.len() > capacity {
             let Some((oldest, stamp)) = self.order.pop_front() else {
@@ -150,10 +153,12 @@ impl Inner {
     fn remove(&mut self, id: Uuid) {
         if let Some(entry) = self.by_id.remove(&id) {
             let p = &entry.state.profile;
-            if let Some(cuid) = &p.customer_user_id {
-                let key = (p.app_id, cuid.clone());
-                if self.by_customer_user_id.get(&key) == Some(&id) {
-                    self.by_customer_user_id.remove(&key);
+            if let (Some(cuid), Some(ids)) = (
+                &p.customer_user_id,
+                self.by_customer_user_id.get_mut(&p.app_id),
+            ) {
+                if ids.get(cuid.as_str()) == Some(&id) {
+                    ids.remove(cuid.as_str());
                 }
             }
         }
@@ -228,7 +233,13 @@ mod tests {
         assert!(cached(&states[0]).is_none());
         assert!(cached(&states[1]).is_some());
         assert!(cached(&states[2]).is_some());
-        assert!(cache.lock().by_customer_user_id.len() <= 2);
+        let mappings: usize = cache
+            .lock()
+            .by_customer_user_id
+            .values()
+            .map(HashMap::len)
+            .sum();
+        assert!(mappings <= 2);
     }
 
     #[test]

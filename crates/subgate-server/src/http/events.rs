@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use subgate_core::model::ProfileKey;
 use subgate_core::service::Identity;
-use subgate_core::store::StoredEvent;
+use subgate_core::store::{StoreError, StoredEvent};
 use subgate_core::time::format_v2;
 use subgate_core::{ApiError, ErrorCode};
 use uuid::Uuid;
@@ -123,7 +123,12 @@ async fn show(
 ) -> ApiResult<Json<Value>> {
     auth.require_secret()?;
     let id = event_id(&id)?;
-    match ctx.services.store.get_event(auth.app.id(), id).await {
+    one_event(ctx.services.store.get_event(auth.app.id(), id).await)
+}
+
+/// One event as the answer, or 404 when the app has no such event.
+fn one_event(found: Result<Option<StoredEvent>, StoreError>) -> ApiResult<Json<Value>> {
+    match found {
         Ok(Some(event)) => Ok(Json(json!({"data": render(&event)}))),
         Ok(None) => Err(ApiError::new(ErrorCode::NotFound).into()),
         Err(e) => Err(ApiError::from(e).into()),
@@ -138,9 +143,5 @@ async fn redeliver(
     auth.require_secret()?;
     let id = event_id(&id)?;
     let now = ctx.services.now();
-    match ctx.services.store.redeliver(auth.app.id(), id, now).await {
-        Ok(Some(event)) => Ok(Json(json!({"data": render(&event)}))),
-        Ok(None) => Err(ApiError::new(ErrorCode::NotFound).into()),
-        Err(e) => Err(ApiError::from(e).into()),
-    }
+    one_event(ctx.services.store.redeliver(auth.app.id(), id, now).await)
 }

@@ -397,7 +397,7 @@ pub fn profile(app: &App, state: &ProfileState, now: DateTime<Utc>) -> Response 
 }
 
 /// Serializes `body` into one buffer sized for a typical profile.
-pub(crate) fn json_response(body: &impl Serialize) -> Response {
+fn json_response(body: &impl Serialize) -> Response {
     let mut bytes = Vec::with_capacity(4096);
     match serde_json::to_writer(&mut bytes, body) {
         Ok(()) => (
