@@ -78,6 +78,10 @@ struct Args {
     /// The JSON report.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
+    /// Keep a database already seeded with exactly this many profiles by an earlier run,
+    /// instead of seeding again (for profiling; earlier scenarios' writes stay in it).
+    #[arg(long)]
+    reuse: bool,
 }
 
 struct Server {
@@ -167,6 +171,9 @@ async fn fresh_database(args: &Args, backend: &str, size: u64) -> anyhow::Result
     match backend {
         "sqlite" => {
             let path = args.dir.join(format!("bench-{size}.db"));
+            if args.reuse {
+                return Ok(format!("sqlite://{}", path.display()));
+            }
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
             }
@@ -179,11 +186,12 @@ async fn fresh_database(args: &Args, backend: &str, size: u64) -> anyhow::Result
                     .await
                     .with_context(|| format!("connecting to {}", args.postgres_url))?;
             tokio::spawn(connection);
-            client
-                .batch_execute(&format!(
-                    "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-                ))
-                .await?;
+            let recreate = if args.reuse {
+                format!("CREATE SCHEMA IF NOT EXISTS {schema}")
+            } else {
+                format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")
+            };
+            client.batch_execute(&recreate).await?;
             let separator = if args.postgres_url.contains('?') {
                 '&'
             } else {
@@ -271,19 +279,28 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await?;
                 store.put_apps(std::slice::from_ref(&app)).await?;
-                eprintln!("{backend}: seeding {size} profiles");
-                let seconds = seed::seed(&*store, app.id, size).await?;
-                store.after_bulk_load().await?;
-                drop(store);
-                if backend == "postgres" {
-                    checkpoint(&args.postgres_url).await;
+                let seeded = store.counts().await?.profiles;
+                if args.reuse && seeded == size {
+                    eprintln!("{backend}: reusing the {size} profiles seeded before");
+                    None
+                } else {
+                    if args.reuse && seeded != 0 {
+                        bail!("{backend}: the database holds {seeded} profiles, not {size}: run without --reuse");
+                    }
+                    eprintln!("{backend}: seeding {size} profiles");
+                    let seconds = seed::seed(&*store, app.id, size).await?;
+                    store.after_bulk_load().await?;
+                    drop(store);
+                    if backend == "postgres" {
+                        checkpoint(&args.postgres_url).await;
+                    }
+                    eprintln!(
+                        "{backend}: seeded {size} profiles in {seconds:.1} s ({:.0}/s)",
+                        size as f64 / seconds
+                    );
+                    Some(seconds)
                 }
-                seconds
             };
-            eprintln!(
-                "{backend}: seeded {size} profiles in {seconds:.1} s ({:.0}/s)",
-                size as f64 / seconds
-            );
             // Let the seeding store's connections close before the server opens its own.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let server = start_server(&args.dir, &config_path, &url).await?;
@@ -321,15 +338,15 @@ async fn main() -> anyhow::Result<()> {
             }
             let rss = server.peak_rss_kib();
             println!(
-                "{backend:<9} {size:>8} server peak RSS {} MiB; seeding {:.0} profiles/s",
+                "{backend:<9} {size:>8} server peak RSS {} MiB; seeding {} profiles/s",
                 rss.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
-                size as f64 / seconds
+                seconds.map_or("-".to_string(), |s| format!("{:.0}", size as f64 / s))
             );
             servers.push(json!({
                 "backend": backend,
                 "profiles": size,
                 "peak_rss_mib": rss.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0),
-                "seed_seconds": (seconds * 10.0).round() / 10.0,
+                "seed_seconds": seconds.map(|s| (s * 10.0).round() / 10.0),
             }));
         }
     }

@@ -51,16 +51,22 @@ pub struct DatabaseSettings {
     /// keep none: another node may change a profile at any time.
     #[serde(default = "default_cached_profiles")]
     pub cached_profiles: usize,
+    /// SQLite only: WAL pages (4 KiB each) past which the log starts over; see
+    /// `SqliteOptions::wal_rewind_pages`.
+    #[serde(default = "default_wal_rewind_pages")]
+    pub wal_rewind_pages: u32,
+}
+
+fn default_wal_rewind_pages() -> u32 {
+    subgate_sqlite::SqliteOptions::default().wal_rewind_pages
 }
 
 fn default_max_connections() -> usize {
     16
 }
 
-/// A decoded profile with a few transactions takes about 5-10 KiB: 10,000 of them keep a
-/// node near 100 MiB more, well inside a small machine.
 fn default_cached_profiles() -> usize {
-    10_000
+    subgate_sqlite::SqliteOptions::default().cached_profiles
 }
 
 fn default_listen() -> String {
@@ -85,6 +91,7 @@ impl Default for DatabaseSettings {
             url: default_database_url(),
             max_connections: default_max_connections(),
             cached_profiles: default_cached_profiles(),
+            wal_rewind_pages: default_wal_rewind_pages(),
         }
     }
 }

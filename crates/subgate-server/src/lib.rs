@@ -17,7 +17,7 @@ use subgate_core::service::Services;
 use subgate_core::store::Store;
 use subgate_core::Clock;
 use subgate_postgres::{PgOptions, PgStore};
-use subgate_sqlite::SqliteStore;
+use subgate_sqlite::{SqliteOptions, SqliteStore};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -40,10 +40,13 @@ async fn open(database: &DatabaseSettings, owner: bool) -> anyhow::Result<Arc<dy
         let path = subgate_sqlite::path_from_url(url).with_context(|| {
             format!("database.url `{url}` names no file; use sqlite://path/to/file.db")
         })?;
-        let cached_profiles = database.cached_profiles;
+        let options = SqliteOptions {
+            cached_profiles: database.cached_profiles,
+            wal_rewind_pages: database.wal_rewind_pages,
+        };
         let store = tokio::task::spawn_blocking(move || {
             if owner {
-                SqliteStore::open(path, cached_profiles)
+                SqliteStore::open(path, &options)
             } else {
                 SqliteStore::open_for_reading(path)
             }

@@ -2,8 +2,11 @@
 
 use crate::common::*;
 use crate::nodes::{call, Node};
+use futures_util::future::join_all;
 use reqwest::Method;
+use serde_json::json;
 use std::process::Command;
+use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_process_on_the_same_file_is_refused_clearly() {
@@ -40,4 +43,51 @@ async fn a_second_process_on_the_same_file_is_refused_clearly() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+}
+
+/// The WAL's size once `WRITERS` clients, each updating its own profile `WRITES` times in a
+/// row, were answered, with the log rewound past `wal_rewind_pages`.
+async fn wal_bytes_after_steady_writes(wal_rewind_pages: u32) -> u64 {
+    const WRITERS: usize = 16;
+    const WRITES: u64 = 300;
+    let config = format!("[database]\nwal_rewind_pages = {wal_rewind_pages}\n{CONFIG}");
+    let s = Arc::new(TestServer::start_with(TestDb::new(Backend::Sqlite).await, &config).await);
+    let writers = (0..WRITERS).map(|w| {
+        let s = Arc::clone(&s);
+        async move {
+            let user = format!("writer-{w}");
+            s.create(&user).await;
+            for n in 1..=WRITES {
+                let body = json!({"custom_attributes": {"n": n}});
+                let (status, body) = s.profile(Method::PATCH, &user, Some(body)).await;
+                assert_eq!(status, 200, "{body}");
+            }
+            // Rewinds lose nothing.
+            let (status, body) = s.profile(Method::GET, &user, None).await;
+            assert_eq!(status, 200, "{body}");
+            let n = body["data"]["custom_attributes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|a| a["key"] == "n"))
+                .map(|a| a["value"].clone());
+            assert_eq!(n, Some(json!(WRITES as f64)), "{body}");
+        }
+    });
+    join_all(writers).await;
+    std::fs::metadata(s.db.dir.path().join("test.db-wal"))
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_steady_writes_the_wal_starts_over() {
+    // Without rewinds the log keeps growing while the writer is never idle; with them it holds
+    // only the pages since the last one (a checkpoint looks every 100 ms).
+    let rewound = wal_bytes_after_steady_writes(16).await;
+    let grown = wal_bytes_after_steady_writes(u32::MAX).await;
+    // Measured: 1.0-1.2 MB against 5-10 MB (SQLite rewinds by itself when the writer idles
+    // at the right moment, so the second varies); without the rewinds, both alike.
+    assert!(
+        rewound * 2 < grown,
+        "WAL of {rewound} bytes with rewinds, {grown} without"
+    );
 }
