@@ -251,10 +251,14 @@ impl Store for PgStore {
             .get_or_init(|| reads::start(self.pool.clone()))
             .send(request)
             .map_err(|_| StoreError::Internal("the profile readers have stopped".into()))?;
-        let state = answer
+        let row = answer
             .await
             .map_err(|_| StoreError::Internal("a profile read was dropped".into()))??;
-        Ok(state.map(Arc::new))
+        Ok(row
+            .as_ref()
+            .map(rows::state_from)
+            .transpose()?
+            .map(Arc::new))
     }
 
     async fn write(

@@ -4,14 +4,16 @@
 //! a context switch on each side) than in finding the row. A few batcher tasks each take every
 //! read queued when they become free and answer them from one statement. That statement starts
 //! after every one of its reads arrived and sees one snapshot, so each read still sees every
-//! write answered before it was asked.
+//! write answered before it was asked. A batcher hands back rows, not profiles: decoding them
+//! in the batcher kept its connection idle for the whole batch's decoding.
 
 use crate::rows;
 use deadpool_postgres::Pool;
 use std::sync::Arc;
-use subgate_core::model::{ProfileKey, ProfileState};
+use subgate_core::model::ProfileKey;
 use subgate_core::store::StoreError;
 use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 /// Statements in flight at once; each holds one pooled connection while it runs.
@@ -22,7 +24,8 @@ const MAX_BATCH: usize = 128;
 pub struct ReadRequest {
     pub app_id: Uuid,
     pub key: ProfileKey,
-    pub reply: oneshot::Sender<Result<Option<ProfileState>, StoreError>>,
+    /// The profile's row, for [`rows::state_from`].
+    pub reply: oneshot::Sender<Result<Option<Row>, StoreError>>,
 }
 
 /// Starts the batchers; they stop when the returned sender and its clones are dropped.
@@ -57,14 +60,14 @@ async fn answer(pool: &Pool, batch: Vec<ReadRequest>) {
     let keys: Vec<(Uuid, &ProfileKey)> = batch.iter().map(|r| (r.app_id, &r.key)).collect();
     let found = crate::bounded("a profile read", async {
         let client = pool.get().await.map_err(crate::pool_error)?;
-        rows::load_profiles(&client, &keys).await
+        rows::load_profile_rows(&client, &keys).await
     })
     .await;
     match found {
-        Ok(mut states) => {
-            for (request, state) in batch.into_iter().zip(states.iter_mut()) {
+        Ok(rows) => {
+            for (request, row) in batch.into_iter().zip(rows) {
                 // A caller that went away no longer needs the answer.
-                let _ = request.reply.send(Ok(state.take()));
+                let _ = request.reply.send(Ok(row));
             }
         }
         Err(e) => {

@@ -43,7 +43,7 @@ fn profile_from(row: &Row) -> Result<Profile, StoreError> {
     })
 }
 
-fn state_from(row: &Row) -> Result<ProfileState, StoreError> {
+pub fn state_from(row: &Row) -> Result<ProfileState, StoreError> {
     let profile = profile_from(row)?;
     let Json(mut transactions): Json<Vec<Transaction>> = get(row, 7)?;
     // The column is the truth: detaching and re-attaching only rewrite it.
@@ -83,11 +83,12 @@ fn cause(failures: impl IntoIterator<Item = Failure>) -> Failure {
 }
 
 /// Several profiles, each by id or customer user id, in one statement (one snapshot); the
-/// answer lines up with `keys`.
-pub async fn load_profiles(
+/// answer lines up with `keys`. Rows come back undecoded: each caller decodes its own
+/// ([`state_from`]), in parallel, while the statement's connection serves the next batch.
+pub async fn load_profile_rows(
     client: &impl GenericClient,
     keys: &[(Uuid, &ProfileKey)],
-) -> Result<Vec<Option<ProfileState>>, StoreError> {
+) -> Result<Vec<Option<Row>>, StoreError> {
     const SQL: &str = "
         SELECT p.app_id, p.id, p.customer_user_id, p.version, p.created_at, p.updated_at, p.doc,
             COALESCE((SELECT json_agg(t.data ORDER BY t.position) FROM transactions t
@@ -121,14 +122,14 @@ pub async fn load_profiles(
         .query(&stmt, &[&apps, &ids, &cuids])
         .await
         .map_err(classify)?;
-    let mut found: Vec<Option<ProfileState>> = keys.iter().map(|_| None).collect();
-    for row in &rows {
-        let ordinal: i64 = get(row, 8)?;
+    let mut found: Vec<Option<Row>> = keys.iter().map(|_| None).collect();
+    for row in rows {
+        let ordinal: i64 = get(&row, 8)?;
         let slot = usize::try_from(ordinal - 1)
             .ok()
             .and_then(|i| found.get_mut(i))
             .ok_or_else(|| StoreError::Internal(format!("a read answered key {ordinal}")))?;
-        *slot = Some(state_from(row)?);
+        *slot = Some(row);
     }
     Ok(found)
 }
