@@ -203,7 +203,7 @@ impl From<WriteError> for ApiError {
     }
 }
 
-fn saved(outcome: Outcome, missing: Missing) -> Result<ProfileState, ApiError> {
+fn saved(outcome: Outcome, missing: Missing) -> Result<Arc<ProfileState>, ApiError> {
     match outcome {
         Outcome::Saved(state) | Outcome::Kept(Some(state)) => Ok(state),
         Outcome::Kept(None) | Outcome::Deleted => Err(missing.error()),
@@ -271,7 +271,7 @@ impl Services {
         lookup: Lookup,
         decide: Decide,
         missing: Missing,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         let outcome = self.store.write(app.id(), lookup, decide).await?;
         saved(outcome, missing)
     }
@@ -282,7 +282,7 @@ impl Services {
         app: &App,
         who: &Identity,
         update: ProfileUpdate,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         let now = self.now();
         let new_id = who.profile_id.unwrap_or_else(Uuid::now_v7);
         let app_id = app.id();
@@ -322,7 +322,7 @@ impl Services {
         app: &App,
         who: &Identity,
         update: ProfileUpdate,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         let now = self.now();
         let decide: Decide = Box::new(move |loaded: &Loaded| {
             let mut next = next_version(existing(loaded, Missing::NotFound)?, now);
@@ -359,7 +359,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: TransactionInput,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         let valid = transaction::validate(input, app, &self.rates)?;
         let now = self.now();
         // Time-ordered ids keep the id index append-only instead of touching a random page.
@@ -457,7 +457,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: GrantInput,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         require_level(app, &input.access_level_id)?;
         let now = self.now();
         let starts_at = input.starts_at.unwrap_or(now);
@@ -504,7 +504,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: RevokeInput,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         require_level(app, &input.access_level_id)?;
         let now = self.now();
         let app_for_decide = app.clone();
@@ -569,7 +569,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: GrantV1Input,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         require_level(app, &input.access_level_id)?;
         let now = self.now();
         let starts_at = input.starts_at.unwrap_or(now);
@@ -714,7 +714,7 @@ impl Services {
         who: &Identity,
         access_level_id: String,
         is_refund: bool,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         require_level(app, &access_level_id)?;
         let now = self.now();
         let app_for_decide = app.clone();
@@ -782,7 +782,7 @@ impl Services {
         customer_user_id: &str,
         chain: ChainRef,
         purchases: Vec<Transaction>,
-    ) -> Result<ProfileState, ApiError> {
+    ) -> Result<Arc<ProfileState>, ApiError> {
         let now = self.now();
         let app_id = app.id();
         let new_profile_id = Uuid::now_v7();

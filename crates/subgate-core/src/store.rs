@@ -69,8 +69,9 @@ pub enum Change {
 
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Saved(ProfileState),
-    Kept(Option<ProfileState>),
+    /// Shared, so a backend can keep the committed state (a cache) without copying it.
+    Saved(Arc<ProfileState>),
+    Kept(Option<Arc<ProfileState>>),
     Deleted,
 }
 

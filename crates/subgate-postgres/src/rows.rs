@@ -4,6 +4,7 @@ use crate::{classify, Failure};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use std::collections::HashSet;
+use std::sync::Arc;
 use subgate_core::events::NewEvent;
 use subgate_core::model::{
     AppDefinition, Environment, Profile, ProfileDoc, ProfileKey, ProfileState, Transaction,
@@ -424,7 +425,7 @@ pub async fn write(
 ) -> Result<Outcome, Failure> {
     let loaded = load(client, app_id, lookup).await?;
     match decide(&loaded).map_err(Failure::Rejected)? {
-        Change::Keep => Ok(Outcome::Kept(loaded.profile)),
+        Change::Keep => Ok(Outcome::Kept(loaded.profile.map(Arc::new))),
         Change::Save {
             state,
             transactions,
@@ -468,7 +469,7 @@ pub async fn write(
             if results.iter().any(Result::is_err) {
                 return Err(cause(results.into_iter().filter_map(Result::err)));
             }
-            Ok(Outcome::Saved(state))
+            Ok(Outcome::Saved(Arc::new(state)))
         }
         Change::Delete { profile } => {
             let stmt = client

@@ -657,7 +657,7 @@ fn run_batch(
                     latest.insert(*id, None);
                 }
                 if let Ok(Outcome::Saved(state)) = &result {
-                    latest.insert(state.profile.id, Some(Arc::new(state.clone())));
+                    latest.insert(state.profile.id, Some(Arc::clone(state)));
                 }
                 replies.push(Reply::Write(reply, result));
             }

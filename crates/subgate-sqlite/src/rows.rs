@@ -362,7 +362,7 @@ pub fn write(
         touched.extend(loaded.related.iter().filter_map(|t| t.profile_id));
     };
     match decide(&loaded)? {
-        Change::Keep => Ok(Outcome::Kept(loaded.profile)),
+        Change::Keep => Ok(Outcome::Kept(loaded.profile.map(Arc::new))),
         Change::Save {
             state,
             transactions,
@@ -389,7 +389,7 @@ pub fn write(
                     "a saved state differs from its read"
                 );
             }
-            Ok(Outcome::Saved(state))
+            Ok(Outcome::Saved(Arc::new(state)))
         }
         Change::Delete { profile } => {
             touch(touched);

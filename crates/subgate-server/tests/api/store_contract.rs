@@ -174,7 +174,7 @@ async fn record(store: &dyn Store, cuid: &str, tx_id: &str, original: &str) -> O
 
 async fn saved(outcome: Outcome) -> ProfileState {
     match outcome {
-        Outcome::Saved(state) => state,
+        Outcome::Saved(state) => std::sync::Arc::unwrap_or_clone(state),
         other => panic!("expected a save, got {other:?}"),
     }
 }
@@ -225,7 +225,7 @@ async fn writes_read_back_and_rejections_change_nothing(backend: Backend) {
         .write(APP, by_cuid("alice"), decide(|_| Ok(Change::Keep)))
         .await
         .unwrap();
-    assert!(matches!(kept, Outcome::Kept(Some(ref s)) if *s == written));
+    assert!(matches!(kept, Outcome::Kept(Some(ref s)) if **s == written));
     assert_eq!(
         store.counts().await.unwrap(),
         Counts {
