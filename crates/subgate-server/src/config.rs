@@ -51,6 +51,9 @@ pub struct DatabaseSettings {
     /// keep none: another node may change a profile at any time.
     #[serde(default = "default_cached_profiles")]
     pub cached_profiles: usize,
+    /// SQLite only: and their estimated size at most, in MiB.
+    #[serde(default = "default_cached_profiles_mib")]
+    pub cached_profiles_mib: usize,
     /// SQLite only: WAL pages (4 KiB each) past which the log starts over; see
     /// `SqliteOptions::wal_rewind_pages`.
     #[serde(default = "default_wal_rewind_pages")]
@@ -67,6 +70,10 @@ fn default_max_connections() -> usize {
 
 fn default_cached_profiles() -> usize {
     subgate_sqlite::SqliteOptions::default().cached_profiles
+}
+
+fn default_cached_profiles_mib() -> usize {
+    subgate_sqlite::SqliteOptions::default().cached_profiles_mib
 }
 
 fn default_listen() -> String {
@@ -91,6 +98,7 @@ impl Default for DatabaseSettings {
             url: default_database_url(),
             max_connections: default_max_connections(),
             cached_profiles: default_cached_profiles(),
+            cached_profiles_mib: default_cached_profiles_mib(),
             wal_rewind_pages: default_wal_rewind_pages(),
         }
     }

@@ -42,6 +42,7 @@ async fn open(database: &DatabaseSettings, owner: bool) -> anyhow::Result<Arc<dy
         })?;
         let options = SqliteOptions {
             cached_profiles: database.cached_profiles,
+            cached_profiles_mib: database.cached_profiles_mib,
             wal_rewind_pages: database.wal_rewind_pages,
         };
         let store = tokio::task::spawn_blocking(move || {

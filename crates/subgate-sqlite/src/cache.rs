@@ -12,6 +12,9 @@ use uuid::Uuid;
 
 pub struct ProfileCache {
     capacity: usize,
+    /// Bound on the entries' estimated size ([`approx_bytes`]): a profile with thousands of
+    /// transactions is one entry but many ordinary ones' memory.
+    max_bytes: usize,
     inner: Mutex<Inner>,
 }
 
@@ -27,11 +30,68 @@ struct Inner {
     /// matches its entry was removed or inserted again since, and is skipped.
     order: VecDeque<(Uuid, u64)>,
     next_stamp: u64,
+    /// The sum of the entries' `bytes`.
+    bytes: usize,
 }
 
 struct Entry {
     state: Arc<ProfileState>,
     stamp: u64,
+    bytes: usize,
+}
+
+/// About how much memory a decoded profile holds: its structs and the text they point to.
+/// An estimate (allocator overhead and map nodes are guessed), cheap enough for every insert.
+pub fn approx_bytes(state: &ProfileState) -> usize {
+    use std::mem::size_of;
+    use subgate_core::model::{AttributeValue, Grant, Revoke, Transaction};
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let doc = &state.profile.doc;
+    let transactions: usize = state
+        .transactions
+        .iter()
+        .map(|t| {
+            size_of::<Transaction>()
+                + t.store.len()
+                + t.store_product_id.len()
+                + t.store_transaction_id.len()
+                + t.store_original_transaction_id.len()
+                + text(&t.store_base_plan_id)
+                + text(&t.cancellation_reason)
+                + text(&t.variation_id)
+                + t.offer.as_ref().map_or(0, |_| 128)
+        })
+        .sum();
+    let attributes: usize = doc
+        .attributes
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                AttributeValue::Text(text) => text.len(),
+                AttributeValue::Number(_) => 0,
+            };
+            64 + key.len() + value
+        })
+        .sum();
+    let grants: usize = doc
+        .grants
+        .iter()
+        .map(|g| {
+            size_of::<Grant>() + g.access_level_id.len() + g.purchase.as_ref().map_or(0, |_| 256)
+        })
+        .sum();
+    let meta = doc
+        .installation_meta
+        .as_ref()
+        .map_or(0, |m| m.iter().map(|(k, _)| 96 + k.len()).sum());
+    size_of::<ProfileState>()
+        + text(&state.profile.customer_user_id)
+        + transactions
+        + attributes
+        + grants
+        + doc.revokes.len() * size_of::<Revoke>()
+        + meta
+        + 256
 }
 
 /// The epoch a reader saw before it went to the database.
@@ -39,10 +99,11 @@ struct Entry {
 pub struct Epoch(u64);
 
 impl ProfileCache {
-    /// A cache of at most `capacity` profiles; 0 keeps nothing.
-    pub fn new(capacity: usize) -> Self {
+    /// A cache of at most `capacity` profiles and about `max_bytes`; 0 keeps nothing.
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Self {
-            capacity,
+            capacity: if max_bytes == 0 { 0 } else { capacity },
+            max_bytes,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -86,7 +147,7 @@ impl ProfileCache {
         }
         let mut inner = self.lock();
         if inner.epoch == seen.0 {
-            inner.put(self.capacity, state);
+            inner.put(self.capacity, self.max_bytes, state);
         }
     }
 
@@ -100,7 +161,7 @@ impl ProfileCache {
         }
         if self.capacity > 0 {
             for state in &saved {
-                inner.put(self.capacity, state);
+                inner.put(self.capacity, self.max_bytes, state);
             }
         }
     }
@@ -117,15 +178,18 @@ impl ProfileCache {
 }
 
 impl Inner {
-    fn put(&mut self, capacity: usize, state: &Arc<ProfileState>) {
+    fn put(&mut self, capacity: usize, max_bytes: usize, state: &Arc<ProfileState>) {
         let p = &state.profile;
         self.remove(p.id);
         let stamp = self.next_stamp;
         self.next_stamp += 1;
+        let bytes = approx_bytes(state);
         let entry = Entry {
             state: Arc::clone(state),
             stamp,
+            bytes,
         };
+        self.bytes += bytes;
         self.by_id.insert(p.id, entry);
         self.order.push_back((p.id, stamp));
         if let Some(cuid) = &p.customer_user_id {
@@ -134,7 +198,7 @@ impl Inner {
                 .or_default()
                 .insert(cuid.clone(), p.id);
         }
-        while self.by_id.len() > capacity {
+        while self.by_id.len() > capacity || self.bytes > max_bytes {
             let Some((oldest, stamp)) = self.order.pop_front() else {
                 break;
             };
@@ -152,6 +216,7 @@ impl Inner {
 
     fn remove(&mut self, id: Uuid) {
         if let Some(entry) = self.by_id.remove(&id) {
+            self.bytes -= entry.bytes;
             let p = &entry.state.profile;
             if let (Some(cuid), Some(ids)) = (
                 &p.customer_user_id,
@@ -171,7 +236,7 @@ impl Inner {
 mod tests {
     use super::*;
     use chrono::Utc;
-    use subgate_core::model::Profile;
+    use subgate_core::model::{AttributeValue, Profile};
 
     fn state(app_id: Uuid, cuid: &str) -> Arc<ProfileState> {
         let now = Utc::now();
@@ -191,7 +256,7 @@ mod tests {
 
     #[test]
     fn finds_a_profile_by_either_key() {
-        let cache = ProfileCache::new(10);
+        let cache = ProfileCache::new(10, usize::MAX);
         let app = Uuid::now_v7();
         let alice = state(app, "alice");
         cache.insert(cache.epoch(), &alice);
@@ -212,7 +277,7 @@ mod tests {
 
     #[test]
     fn a_read_that_raced_a_write_is_not_kept() {
-        let cache = ProfileCache::new(10);
+        let cache = ProfileCache::new(10, usize::MAX);
         let app = Uuid::now_v7();
         let seen = cache.epoch();
         cache.committed(&[Uuid::now_v7()], Vec::new());
@@ -223,7 +288,7 @@ mod tests {
 
     #[test]
     fn keeps_at_most_its_capacity_evicting_the_oldest() {
-        let cache = ProfileCache::new(2);
+        let cache = ProfileCache::new(2, usize::MAX);
         let app = Uuid::now_v7();
         let states: Vec<_> = ["a", "b", "c"].iter().map(|c| state(app, c)).collect();
         for s in &states {
@@ -244,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_changed_customer_user_id_is_a_miss() {
-        let cache = ProfileCache::new(10);
+        let cache = ProfileCache::new(10, usize::MAX);
         let app = Uuid::now_v7();
         let alice = state(app, "alice");
         cache.insert(cache.epoch(), &alice);
@@ -261,7 +326,7 @@ mod tests {
 
     #[test]
     fn rewritten_profiles_do_not_grow_the_eviction_queue() {
-        let cache = ProfileCache::new(100);
+        let cache = ProfileCache::new(100, usize::MAX);
         let alice = state(Uuid::now_v7(), "alice");
         for _ in 0..1000 {
             cache.committed(&[alice.profile.id], Vec::new());
@@ -272,8 +337,37 @@ mod tests {
     }
 
     #[test]
+    fn keeps_about_its_byte_budget_whatever_the_count() {
+        let app = Uuid::now_v7();
+        let small = state(app, "small");
+        let mut big = (*state(app, "big")).clone();
+        big.profile.doc.attributes = (0..1000)
+            .map(|i| (format!("key{i}"), AttributeValue::Text("x".repeat(100))))
+            .collect();
+        let big = Arc::new(big);
+        let budget = approx_bytes(&small) * 3;
+        assert!(approx_bytes(&big) > budget);
+        let cache = ProfileCache::new(1000, budget);
+        cache.insert(cache.epoch(), &small);
+        cache.insert(cache.epoch(), &big);
+        // The big one alone passes the budget: it goes, oldest first, then itself.
+        assert!(cache.get(app, &ProfileKey::Id(big.profile.id)).is_none());
+        assert!(cache.get(app, &ProfileKey::Id(small.profile.id)).is_none());
+        assert_eq!(cache.lock().bytes, 0);
+        let others: Vec<_> = (0..10).map(|i| state(app, &format!("u{i}"))).collect();
+        for s in &others {
+            cache.insert(cache.epoch(), s);
+        }
+        assert_eq!(cache.lock().by_id.len(), 3);
+        assert!(cache.lock().bytes <= budget);
+        assert!(cache
+            .get(app, &ProfileKey::Id(others[9].profile.id))
+            .is_some());
+    }
+
+    #[test]
     fn nothing_is_kept_with_capacity_zero() {
-        let cache = ProfileCache::new(0);
+        let cache = ProfileCache::new(0, usize::MAX);
         let alice = state(Uuid::now_v7(), "alice");
         cache.insert(cache.epoch(), &alice);
         assert!(cache

@@ -142,9 +142,11 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 /// How a node uses its SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
-    /// Profiles kept decoded in memory (0: none). A decoded profile with a few transactions
-    /// takes about 5-10 KiB: 10,000 of them keep a node near 100 MiB more.
+    /// Profiles kept decoded in memory (0: none).
     pub cached_profiles: usize,
+    /// And their estimated size at most, in MiB: profiles that gathered many transactions or
+    /// grants take more room each.
+    pub cached_profiles_mib: usize,
     /// WAL pages past which the log starts over from the beginning of its file. Under a
     /// steady write load a passive checkpoint never catches up with the writer, so SQLite
     /// never rewinds the WAL on its own: it grew by 250 MB/s in the write benchmark, every
@@ -158,6 +160,7 @@ impl Default for SqliteOptions {
     fn default() -> Self {
         Self {
             cached_profiles: 10_000,
+            cached_profiles_mib: 128,
             wal_rewind_pages: 65_536,
         }
     }
@@ -219,7 +222,10 @@ impl SqliteStore {
             .map(|_| open_connection(&path))
             .collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel();
-        let cache = Arc::new(ProfileCache::new(options.cached_profiles));
+        let cache = Arc::new(ProfileCache::new(
+            options.cached_profiles,
+            options.cached_profiles_mib.saturating_mul(1 << 20),
+        ));
         let writer_cache = Arc::clone(&cache);
         std::thread::Builder::new()
             .name("subgate-sqlite-writer".into())
