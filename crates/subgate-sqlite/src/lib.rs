@@ -75,7 +75,9 @@ pub struct SqliteStore {
     stop: Arc<AtomicBool>,
     id: u64,
     path: PathBuf,
-    writer: mpsc::Sender<Job>,
+    /// Taken on drop, which ends the writer's loop.
+    writer: Option<mpsc::Sender<Job>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     cache: Arc<ProfileCache>,
     /// Held while the store is open, unless opened only for reading; see [`lock_file`].
@@ -227,7 +229,7 @@ impl SqliteStore {
             options.cached_profiles_mib.saturating_mul(1 << 20),
         ));
         let writer_cache = Arc::clone(&cache);
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("subgate-sqlite-writer".into())
             .spawn(move || writer_loop(writer_conn, rx, &writer_cache, &restart))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
@@ -235,7 +237,8 @@ impl SqliteStore {
             stop,
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             path,
-            writer: tx,
+            writer: Some(tx),
+            writer_thread: Some(writer_thread),
             readers: Arc::new(Mutex::new(readers)),
             cache,
             _lock: lock,
@@ -290,6 +293,8 @@ impl SqliteStore {
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
         self.writer
+            .as_ref()
+            .ok_or_else(|| StoreError::Internal("the store is closing".into()))?
             .send(job)
             .map_err(|_| StoreError::Internal("the writer thread has stopped".into()))
     }
@@ -530,8 +535,14 @@ impl Reply {
 }
 
 impl Drop for SqliteStore {
+    /// Waits for the writer to finish its queue and empty the WAL, so a stopped node leaves
+    /// no long log for the next start to copy.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        drop(self.writer.take());
+        if let Some(writer) = self.writer_thread.take() {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -564,8 +575,6 @@ fn checkpoint_loop(conn: Connection, stop: &AtomicBool, restart: &AtomicBool, re
             tracing::warn!(error = %e, "checkpoint failed; will retry");
         }
     }
-    // A last full one, so a stopped store leaves a short WAL behind.
-    let _ = checkpoint(&conn, "TRUNCATE");
 }
 
 /// Rewinds the WAL, between two batches. A RESTART checkpoint from another connection starves:
@@ -607,6 +616,10 @@ fn writer_loop(
         for reply in replies {
             reply.send(commit_error.as_ref());
         }
+    }
+    // The store was dropped: a last full checkpoint, so a stopped node leaves a short WAL.
+    if let Err(e) = checkpoint(&conn, "TRUNCATE") {
+        tracing::warn!(error = %e, "the last checkpoint failed; the next start copies the WAL");
     }
 }
 
@@ -927,5 +940,23 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_store_leaves_an_empty_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let wal = dir.path().join("t.db-wal");
+        let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        let app = Uuid::now_v7();
+        let decide = create_as(app, Uuid::now_v7(), "u", Uuid::now_v7());
+        let written = store.write(app, by_customer_user_id("u"), decide).await;
+        assert!(matches!(written, Ok(Outcome::Saved(_))));
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        drop(store);
+        assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
+        // And what was written is in the database file.
+        let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        assert_eq!(store.counts().await.unwrap().profiles, 1);
     }
 }
