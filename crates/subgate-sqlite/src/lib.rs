@@ -562,12 +562,17 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<i64> {
 fn checkpoint_loop(conn: Connection, stop: &AtomicBool, restart: &AtomicBool, rewind_after: i64) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(CHECKPOINT_EVERY);
+        if restart.load(Ordering::Acquire) {
+            // The writer's rewind would wait behind a checkpoint of this thread, in SQLite's
+            // busy handler (which sleeps up to 100 ms at a time).
+            continue;
+        }
         let result = checkpoint(&conn, "PASSIVE").and_then(|frames| {
             if frames > rewind_after {
                 // Once more first, so the writer's rewind finds only the last moment's frames
                 // to copy: it holds every write while it runs.
                 checkpoint(&conn, "PASSIVE")?;
-                restart.store(true, Ordering::Relaxed);
+                restart.store(true, Ordering::Release);
             }
             Ok(())
         });
@@ -594,8 +599,9 @@ fn writer_loop(
     restart: &AtomicBool,
 ) {
     while let Ok(first) = jobs.recv() {
-        if restart.swap(false, Ordering::Relaxed) {
+        if restart.load(Ordering::Acquire) {
             restart_wal(&conn);
+            restart.store(false, Ordering::Release);
         }
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
