@@ -598,11 +598,19 @@ fn writer_loop(
     cache: &ProfileCache,
     restart: &AtomicBool,
 ) {
-    while let Ok(first) = jobs.recv() {
+    loop {
+        // Waking up without work too, so an idle writer still rewinds a WAL it was asked to:
+        // the checkpoint thread waits for that.
+        let first = match jobs.recv_timeout(CHECKPOINT_EVERY) {
+            Ok(job) => Some(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         if restart.load(Ordering::Acquire) {
             restart_wal(&conn);
             restart.store(false, Ordering::Release);
         }
+        let Some(first) = first else { continue };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
