@@ -161,8 +161,13 @@ impl PgStore {
     /// waiting forever) when the URL is wrong or the database cannot be reached.
     pub async fn connect(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
         let store = Self::open(url, options)?;
-        let mut client = store.pool.get().await.map_err(pool_error)?;
-        bounded("the migrations", schema::migrate(&mut client)).await?;
+        let mut client = bounded("a connection", async {
+            store.pool.get().await.map_err(pool_error)
+        })
+        .await?;
+        // Not bounded: a migration may rewrite large tables, and the other starting nodes
+        // wait for it on the migration lock.
+        schema::migrate(&mut client).await?;
         Ok(store)
     }
 

@@ -1,6 +1,6 @@
-//! Migrations, applied in order and recorded in `subgate_migrations`. File names match the
-//! SQLite backend's. Nodes starting together take an advisory lock, so one of them migrates and
-//! the others find the work done.
+//! Migrations, applied in order and recorded in `subgate_migrations`. The first two match the
+//! SQLite backend's files; later ones may exist on one side only. Nodes starting together take
+//! an advisory lock, so one of them migrates and the others find the work done.
 
 use crate::classify;
 use subgate_core::store::StoreError;
@@ -11,6 +11,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         2,
         "0002_events",
         include_str!("../migrations/0002_events.sql"),
+    ),
+    (
+        3,
+        "0003_json_columns",
+        include_str!("../migrations/0003_json_columns.sql"),
     ),
 ];
 
@@ -50,6 +55,10 @@ pub async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), Store
         )));
     }
     for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tracing::info!(
+            migration = name,
+            "migrating (rewriting a large table can take minutes)"
+        );
         tx.batch_execute(sql).await.map_err(failed)?;
         tx.execute(
             "INSERT INTO subgate_migrations (version, name) VALUES ($1, $2)",

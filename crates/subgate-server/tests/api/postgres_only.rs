@@ -449,3 +449,83 @@ async fn copy_store_moves_a_sqlite_install_to_postgres() {
         b["data"]["non_subscriptions"][0]["purchase_id"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_data() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let client = reqwest::Client::new();
+    let now = chrono::Utc::now();
+    let profile = |base: String| {
+        let client = client.clone();
+        async move {
+            let (status, body) = call(&client, &base, Method::GET, PROFILE, "kept", None)
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{body}");
+            body["data"].clone()
+        }
+    };
+    let before = {
+        let node = Node::spawn(db.dir.path(), &db.url).await;
+        let attributes = json!({"custom_attributes": {"plan": "gold", "words": 12}});
+        let (status, body) = call(
+            &client,
+            &node.base,
+            Method::POST,
+            PROFILE,
+            "kept",
+            Some(attributes),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let purchase = one_time("kept-1", "com.test.coins", 0.99, now);
+        let (status, body) = call(
+            &client,
+            &node.base,
+            Method::POST,
+            SET_TRANSACTION,
+            "kept",
+            Some(purchase),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        profile(node.base.clone()).await
+    };
+
+    // Back to schema version 2: the documents as jsonb, as versions before 0003 wrote them.
+    let pg = pg_connect(&db.url).await;
+    pg.batch_execute(
+        "ALTER TABLE profiles ALTER COLUMN doc TYPE jsonb USING doc::jsonb;
+         ALTER TABLE transactions ALTER COLUMN data TYPE jsonb USING data::jsonb;
+         ALTER TABLE events ALTER COLUMN payload TYPE jsonb USING payload::jsonb;
+         DELETE FROM subgate_migrations WHERE version = 3;",
+    )
+    .await
+    .unwrap();
+
+    let node = Node::spawn(db.dir.path(), &db.url).await;
+    let after = profile(node.base.clone()).await;
+    for field in ["custom_attributes", "non_subscriptions", "profile_id"] {
+        assert_eq!(after[field], before[field], "{field}");
+    }
+    assert_eq!(
+        before["non_subscriptions"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let types: Vec<String> = pg
+        .query(
+            "SELECT data_type FROM information_schema.columns
+             WHERE table_schema = current_schema()
+               AND (table_name, column_name) IN
+                   (('profiles', 'doc'), ('transactions', 'data'), ('events', 'payload'))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["json", "json", "json"]);
+}
