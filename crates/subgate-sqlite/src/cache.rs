@@ -42,7 +42,7 @@ struct Entry {
 
 /// About how much memory a decoded profile holds: its structs and the text they point to.
 /// An estimate (allocator overhead and map nodes are guessed), cheap enough for every insert.
-pub fn approx_bytes(state: &ProfileState) -> usize {
+fn approx_bytes(state: &ProfileState) -> usize {
     use std::mem::size_of;
     use subgate_core::model::{AttributeValue, Grant, Revoke, Transaction};
     let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);

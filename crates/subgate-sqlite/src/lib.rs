@@ -153,8 +153,8 @@ pub struct SqliteOptions {
     /// steady write load a passive checkpoint never catches up with the writer, so SQLite
     /// never rewinds the WAL on its own: it grew by 250 MB/s in the write benchmark, every
     /// commit paid the file system for extending the file, and every page lookup searched a
-    /// longer WAL index. Each rewind holds writes for about 10-80 ms; a longer log means fewer
-    /// of them. The WAL file keeps its largest size (4 KiB a page).
+    /// longer WAL index. Each rewind holds writes for about 10-80 ms (up to 250 ms at a million
+    /// profiles); a longer log means fewer of them. The WAL file keeps its largest size (4 KiB a page).
     pub wal_rewind_pages: u32,
 }
 
@@ -441,11 +441,8 @@ impl Store for SqliteStore {
         })
         .await?;
         // A checkpoint cannot run inside the writer's transaction: a reader connection does it.
-        self.read(|conn| {
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                .map_err(unavailable)
-        })
-        .await
+        self.read(|conn| checkpoint(conn, "TRUNCATE").map(drop).map_err(unavailable))
+            .await
     }
 
     async fn due_expirations(
@@ -677,6 +674,73 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCache) -> Ba
     }
 }
 
+/// What a batch's jobs touched so far: which profiles its later jobs must load from the
+/// database (their new state is not committed yet), and what the cache learns at commit.
+#[derive(Default)]
+struct BatchTouches {
+    ids: Vec<Uuid>,
+    /// Each touched profile's state as last saved in the batch (`None`: changed otherwise).
+    latest: HashMap<Uuid, Option<Arc<ProfileState>>>,
+    /// A job that may change any profile ran: the cache cannot be used nor updated.
+    everything: bool,
+}
+
+impl BatchTouches {
+    /// Runs one write on `conn`, loading from the cache what the batch did not touch yet.
+    fn write(
+        &mut self,
+        conn: &Connection,
+        cache: &ProfileCache,
+        job: (Uuid, &Lookup, &Decide),
+    ) -> WriteResult {
+        let (app_id, lookup, decide) = job;
+        let (latest, everything) = (&self.latest, self.everything);
+        let cached = |key: &ProfileKey| {
+            cache
+                .get(app_id, key)
+                .filter(|s| !everything && !latest.contains_key(&s.profile.id))
+        };
+        rows::write(conn, app_id, lookup, decide, &cached, &mut self.ids)
+    }
+
+    /// Notes what the write that started when `from` ids were touched did.
+    fn note(&mut self, from: usize, result: &WriteResult) {
+        for id in &self.ids[from..] {
+            self.latest.insert(*id, None);
+        }
+        if let Ok(Outcome::Saved(state)) = result {
+            self.latest
+                .insert(state.profile.id, Some(Arc::clone(state)));
+        }
+    }
+
+    fn finish(self) -> Touched {
+        if self.everything {
+            Touched::Everything
+        } else {
+            Touched::Profiles {
+                ids: self.ids,
+                saved: self.latest.into_values().flatten().collect(),
+            }
+        }
+    }
+}
+
+/// Commits a batch; a failure is logged here and answered to every job of the batch.
+fn commit(tx: rusqlite::Transaction<'_>) -> Option<StoreError> {
+    tx.commit().err().map(|e| {
+        let error = unavailable(e);
+        tracing::error!(%error, "commit failed; the whole batch is rolled back");
+        error
+    })
+}
+
+/// Runs `f`, turning a panic into the failed write it is.
+fn unpanicked<T>(f: impl FnOnce() -> Result<T, WriteError>) -> Result<T, WriteError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(StoreError::Internal("a write panicked".into()).into()))
+}
+
 /// Runs a batch of writes straight in one transaction, without a savepoint each (SAVEPOINT,
 /// RELEASE and the page copies a savepoint keeps were a tenth of the writer's time). A write
 /// refused by its decision changed nothing: it fails alone. A write that failed in the
@@ -692,51 +756,20 @@ fn run_writes(
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .ok()?;
     let mut results = Vec::with_capacity(writes.len());
-    let mut touched = Vec::new();
-    let mut latest: HashMap<Uuid, Option<Arc<ProfileState>>> = HashMap::new();
+    let mut touches = BatchTouches::default();
     for write in writes {
-        let before = touched.len();
-        let cached = |key: &ProfileKey| {
-            cache
-                .get(write.app_id, key)
-                .filter(|s| !latest.contains_key(&s.profile.id))
-        };
-        let run = || {
-            rows::write(
-                &tx,
-                write.app_id,
-                &write.lookup,
-                &write.decide,
-                &cached,
-                &mut touched,
-            )
-        };
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-            .unwrap_or_else(|_| Err(StoreError::Internal("a write panicked".into()).into()));
+        let from = touches.ids.len();
+        let job = (write.app_id, &write.lookup, &write.decide);
+        let result = unpanicked(|| touches.write(&tx, cache, job));
         if matches!(result, Err(WriteError::Store(_))) {
             // Dropping the transaction rolls it back.
             return None;
         }
-        for id in &touched[before..] {
-            latest.insert(*id, None);
-        }
-        if let Ok(Outcome::Saved(state)) = &result {
-            latest.insert(state.profile.id, Some(Arc::clone(state)));
-        }
+        touches.note(from, &result);
         results.push(result);
     }
-    let touched = Touched::Profiles {
-        ids: touched,
-        saved: latest.into_values().flatten().collect(),
-    };
-    match tx.commit() {
-        Ok(()) => Some((results, None, touched)),
-        Err(e) => {
-            let error = unavailable(e);
-            tracing::error!(%error, "commit failed; the whole batch is rolled back");
-            Some((results, Some(error), touched))
-        }
-    }
+    let touched = touches.finish();
+    Some((results, commit(tx), touched))
 }
 
 /// Runs a batch with one savepoint per job: a job's failure rolls back only its own changes.
@@ -749,17 +782,12 @@ fn run_in_savepoints(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCach
                 .into_iter()
                 .map(|job| run_unbegun(job, &error))
                 .collect();
-            let nothing = Touched::Profiles {
-                ids: Vec::new(),
-                saved: Vec::new(),
-            };
+            let nothing = BatchTouches::default().finish();
             return (replies, Some(error), nothing);
         }
     };
     let mut replies = Vec::with_capacity(batch.len());
-    let mut touched = Vec::new();
-    let mut latest: HashMap<Uuid, Option<Arc<ProfileState>>> = HashMap::new();
-    let mut touched_everything = false;
+    let mut touches = BatchTouches::default();
     for job in batch {
         match job {
             Job::Write(WriteJob {
@@ -768,28 +796,18 @@ fn run_in_savepoints(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCach
                 decide,
                 reply,
             }) => {
-                let before = touched.len();
-                let cached = |key: &ProfileKey| {
-                    cache
-                        .get(app_id, key)
-                        .filter(|s| !touched_everything && !latest.contains_key(&s.profile.id))
-                };
+                let from = touches.ids.len();
                 let result = in_savepoint(&mut tx, |sp| {
-                    rows::write(sp, app_id, &lookup, &decide, &cached, &mut touched)
+                    touches.write(sp, cache, (app_id, &lookup, &decide))
                 });
-                for id in &touched[before..] {
-                    latest.insert(*id, None);
-                }
-                if let Ok(Outcome::Saved(state)) = &result {
-                    latest.insert(state.profile.id, Some(Arc::clone(state)));
-                }
+                touches.note(from, &result);
                 replies.push(Reply::Write(reply, result));
             }
             Job::Exec {
                 run: f,
                 changes_profiles,
             } => {
-                touched_everything |= changes_profiles;
+                touches.everything |= changes_profiles;
                 let mut finish = None;
                 let _ = in_savepoint(&mut tx, |sp| {
                     let (ok, f) = f(sp);
@@ -806,22 +824,8 @@ fn run_in_savepoints(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCach
             }
         }
     }
-    let touched = if touched_everything {
-        Touched::Everything
-    } else {
-        Touched::Profiles {
-            ids: touched,
-            saved: latest.into_values().flatten().collect(),
-        }
-    };
-    match tx.commit() {
-        Ok(()) => (replies, None, touched),
-        Err(e) => {
-            let error = unavailable(e);
-            tracing::error!(%error, "commit failed; the whole batch is rolled back");
-            (replies, Some(error), touched)
-        }
-    }
+    let touched = touches.finish();
+    (replies, commit(tx), touched)
 }
 
 /// A job of a batch whose transaction could not even begin.
@@ -846,13 +850,7 @@ fn in_savepoint<T>(
     let sp = tx
         .savepoint()
         .map_err(|e| WriteError::Store(unavailable(e)))?;
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&sp))).unwrap_or_else(|_| {
-            Err(WriteError::Store(StoreError::Internal(
-                "a write panicked".into(),
-            )))
-        });
-    match result {
+    match unpanicked(|| f(&sp)) {
         Ok(value) => {
             sp.commit().map_err(|e| WriteError::Store(unavailable(e)))?;
             Ok(value)
