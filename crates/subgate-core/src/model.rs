@@ -121,18 +121,31 @@ pub enum AttributeValue {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ProfileFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gender: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phone_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub birthday: Option<NaiveDate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_v4_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analytics_disabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub att_status: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_account_token: Option<String>,
 }
 
@@ -142,6 +155,7 @@ pub struct Grant {
     pub id: Uuid,
     pub access_level_id: String,
     pub starts_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     /// Write sequence number in the profile: a revoke caps only sources older than itself.
@@ -156,9 +170,13 @@ pub struct Grant {
 pub struct GrantPurchase {
     pub store: String,
     pub vendor_product_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_plan_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vendor_transaction_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vendor_original_transaction_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub introductory_offer_type: Option<String>,
     pub environment: Environment,
 }
@@ -178,8 +196,10 @@ pub struct ProfileDoc {
     pub fields: ProfileFields,
     pub attributes: BTreeMap<String, AttributeValue>,
     /// The last installation meta posted, as posted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installation_meta: Option<serde_json::Map<String, serde_json::Value>>,
     /// The last `adapty-platform` header seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
     pub grants: Vec<Grant>,
     pub revokes: Vec<Revoke>,
@@ -232,6 +252,7 @@ pub struct Offer {
     pub category: String,
     #[serde(rename = "type")]
     pub offer_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
 
@@ -250,33 +271,45 @@ pub struct Price {
 pub struct Transaction {
     /// The `purchase_id` of a one-time purchase; stable across updates.
     pub id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_id: Option<Uuid>,
     pub seq: i64,
     pub purchase_type: PurchaseType,
     pub store: String,
     pub environment: Environment,
     pub store_product_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_base_plan_id: Option<String>,
     pub store_transaction_id: String,
     pub store_original_transaction_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offer: Option<Offer>,
     pub is_family_shared: bool,
     pub price: Price,
     pub purchased_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub originally_purchased_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refunded_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancellation_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_status: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_status_changed_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billing_issue_detected_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_period_expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// The end of this period has been dealt with (an expiry event sent, or found superseded
     /// by a later transaction of the chain).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub expiry_handled: bool,
 }
 
@@ -368,5 +401,57 @@ impl ProfileState {
             feed(&[0xff]);
         }
         format!("{hash:016x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stored_documents_leave_out_unset_fields_and_read_back_those_that_wrote_them() {
+        let written_by_older_versions = json!({
+            "id": "0191f3a0-0000-7000-8000-000000000001",
+            "profile_id": null,
+            "seq": 1,
+            "purchase_type": "subscription",
+            "store": "app_store",
+            "environment": "Production",
+            "store_product_id": "monthly",
+            "store_base_plan_id": null,
+            "store_transaction_id": "t1",
+            "store_original_transaction_id": "t1",
+            "offer": null,
+            "is_family_shared": false,
+            "price": {"country": "US", "currency": "USD", "value_micros": 1, "usd_micros": 1},
+            "purchased_at": "2026-11-01T10:00:00Z",
+            "originally_purchased_at": null,
+            "expires_at": "2026-12-01T10:00:00Z",
+            "refunded_at": null,
+            "cancellation_reason": null,
+            "variation_id": null,
+            "renew_status": true,
+            "renew_status_changed_at": null,
+            "billing_issue_detected_at": null,
+            "grace_period_expires_at": null,
+            "created_at": "2026-11-01T10:00:00Z",
+            "updated_at": "2026-11-01T10:00:00Z",
+            "expiry_handled": false
+        });
+        let t: Transaction = serde_json::from_value(written_by_older_versions).unwrap();
+        let stored = serde_json::to_value(&t).unwrap();
+        for unset in ["profile_id", "refunded_at", "offer", "expiry_handled"] {
+            assert!(stored.get(unset).is_none(), "{unset} in {stored}");
+        }
+        assert_eq!(stored["renew_status"], json!(true));
+        assert_eq!(serde_json::from_value::<Transaction>(stored).unwrap(), t);
+
+        let doc: ProfileDoc =
+            serde_json::from_value(json!({"fields": {"email": null, "gender": "f"}})).unwrap();
+        assert_eq!(
+            serde_json::to_value(&doc).unwrap()["fields"],
+            json!({"gender": "f"})
+        );
     }
 }
