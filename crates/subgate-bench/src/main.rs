@@ -100,6 +100,16 @@ impl Server {
             .parse()
             .ok()
     }
+
+    /// CPU seconds the server has used so far, user and system, all threads (the kernel counts
+    /// them in USER_HZ, 100 a second on Linux).
+    fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+    }
 }
 
 impl Drop for Server {
@@ -220,7 +230,37 @@ async fn fresh_database(args: &Args, backend: &str, size: u64) -> anyhow::Result
     }
 }
 
-fn row(backend: &str, size: u64, name: &str, outcome: &Outcome, baseline: Option<f64>) -> Value {
+/// Runs one scenario and measures the server's CPU time over its measured part.
+async fn measure(
+    server: &Server,
+    target: &Arc<Target>,
+    scenario: Scenario,
+    args: &Args,
+    rate: Option<f64>,
+) -> anyhow::Result<(Outcome, Option<f64>)> {
+    let warmup = Duration::from_secs(1);
+    let duration = Duration::from_secs(args.duration);
+    let load = load::run(target, scenario, args.concurrency, warmup, duration, rate);
+    let sample = async {
+        tokio::time::sleep(warmup).await;
+        server.cpu_seconds()
+    };
+    let (outcome, before) = tokio::join!(load, sample);
+    let outcome = outcome?;
+    let used = before.zip(server.cpu_seconds()).map(|(b, a)| a - b);
+    let per_request = used
+        .filter(|_| outcome.requests > 0)
+        .map(|s| s / outcome.requests as f64 * 1e6);
+    Ok((outcome, per_request))
+}
+
+fn row(
+    backend: &str,
+    size: u64,
+    name: &str,
+    (outcome, cpu_us): &(Outcome, Option<f64>),
+    baseline: Option<f64>,
+) -> Value {
     json!({
         "backend": backend,
         "profiles": size,
@@ -231,12 +271,13 @@ fn row(backend: &str, size: u64, name: &str, outcome: &Outcome, baseline: Option
         "p99_ms": outcome.percentile_ms(0.99),
         "p999_ms": outcome.percentile_ms(0.999),
         "errors": outcome.errors,
+        "server_cpu_us_per_request": cpu_us.map(|us| (us * 10.0).round() / 10.0),
     })
 }
 
 fn print_row(r: &Value) {
     println!(
-        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>6}",
+        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6}",
         r["backend"].as_str().unwrap_or(""),
         r["profiles"],
         r["scenario"].as_str().unwrap_or(""),
@@ -247,6 +288,9 @@ fn print_row(r: &Value) {
         r["p50_ms"].as_f64().unwrap_or(0.0),
         r["p99_ms"].as_f64().unwrap_or(0.0),
         r["p999_ms"].as_f64().unwrap_or(0.0),
+        r["server_cpu_us_per_request"]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.1}")),
         r["errors"],
     );
 }
@@ -262,8 +306,6 @@ async fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let config_path = args.dir.join("bench.toml");
     std::fs::write(&config_path, CONFIG)?;
-    let warmup = Duration::from_secs(1);
-    let duration = Duration::from_secs(args.duration);
     let mut rows = Vec::new();
     let mut servers = Vec::new();
     println!(
@@ -271,8 +313,17 @@ async fn main() -> anyhow::Result<()> {
         args.concurrency, args.duration
     );
     println!(
-        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6}",
-        "backend", "profiles", "scenario", "req/s", "x base", "p50", "p99", "p99.9", "errors"
+        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>6}",
+        "backend",
+        "profiles",
+        "scenario",
+        "req/s",
+        "x base",
+        "p50",
+        "p99",
+        "p99.9",
+        "cpu µs",
+        "errors"
     );
     for backend in &args.backends {
         for &size in &args.sizes {
@@ -325,26 +376,17 @@ async fn main() -> anyhow::Result<()> {
             });
             let mut baseline = None;
             for &scenario in &scenarios {
-                let outcome =
-                    load::run(&target, scenario, args.concurrency, warmup, duration, None).await?;
+                let measured = measure(&server, &target, scenario, &args, None).await?;
                 if scenario == Scenario::Baseline {
-                    baseline = Some(outcome.rate());
+                    baseline = Some(measured.0.rate());
                 }
-                let r = row(backend, size, scenario.name(), &outcome, baseline);
+                let r = row(backend, size, scenario.name(), &measured, baseline);
                 print_row(&r);
                 rows.push(r);
                 if scenario == Scenario::GetProfile {
                     // Latency at half the peak rate: what a user sees when the server has room.
-                    let half = outcome.rate() / 2.0;
-                    let paced = load::run(
-                        &target,
-                        scenario,
-                        args.concurrency,
-                        warmup,
-                        duration,
-                        Some(half),
-                    )
-                    .await?;
+                    let half = measured.0.rate() / 2.0;
+                    let paced = measure(&server, &target, scenario, &args, Some(half)).await?;
                     let r = row(backend, size, "get_profile@50%", &paced, baseline);
                     print_row(&r);
                     rows.push(r);
