@@ -284,7 +284,13 @@ impl SqliteStore {
             let conn = match readers.entry(self.id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(open_connection(&self.path)?)
+                    let conn = open_connection(&self.path)?;
+                    // Enough for the interior pages of the profile table and its indexes at a
+                    // million profiles (about 12 MB), so a read that misses the profile cache
+                    // reads only leaf pages. There is one such connection per runtime thread.
+                    conn.execute_batch("PRAGMA cache_size = -16384")
+                        .map_err(unavailable)?;
+                    v.insert(conn)
                 }
             };
             f(conn)
@@ -864,7 +870,7 @@ fn in_savepoint<T>(
 mod tests {
     use super::*;
     use subgate_core::events::{EventType, NewEvent};
-    use subgate_core::model::{Environment, Profile};
+    use subgate_core::model::{Environment, Profile, Transaction};
     use subgate_core::store::{Change, Store};
 
     /// Creates the profile `cuid` under `id`, whatever the lookup found, with one event.
@@ -970,5 +976,112 @@ mod tests {
         // And what was written is in the database file.
         let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
         assert_eq!(store.counts().await.unwrap().profiles, 1);
+    }
+
+    /// A transaction as version-2 databases stored it, attached to `profile_id` in the JSON.
+    fn old_transaction(id: &str, profile_id: Uuid) -> Transaction {
+        serde_json::from_value(serde_json::json!({
+            "id": Uuid::now_v7(),
+            "profile_id": profile_id,
+            "seq": 1,
+            "purchase_type": "one_time_purchase",
+            "store": "app_store",
+            "environment": "Production",
+            "store_product_id": "coins",
+            "store_transaction_id": id,
+            "store_original_transaction_id": id,
+            "is_family_shared": false,
+            "price": {"country": "US", "currency": "USD", "value_micros": 990000, "usd_micros": 990000},
+            "purchased_at": "2026-11-01T10:00:00Z",
+            "created_at": "2026-11-01T10:00:00Z",
+            "updated_at": "2026-11-01T10:00:00Z",
+            "expiry_handled": false
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_2_database_keeps_every_transaction_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let (app, owner, other) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // The stored JSON of `second` still names `other`: the column says where it is now.
+        let (first, second, gone) = (
+            old_transaction("first", owner),
+            old_transaction("second", other),
+            old_transaction("gone", other),
+        );
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(include_str!("../migrations/0001_init.sql"))
+                .unwrap();
+            conn.execute_batch(include_str!("../migrations/0002_events.sql"))
+                .unwrap();
+            conn.execute_batch("PRAGMA user_version = 2").unwrap();
+            for id in [owner, other] {
+                conn.execute(
+                    "INSERT INTO profiles VALUES (?1, ?2, ?3, 2, 1, 2, '{\"attributes\":{\"plan\":\"gold\"}}')",
+                    rusqlite::params![app.to_string(), id.to_string(), format!("user-{id}")],
+                )
+                .unwrap();
+            }
+            // Inserted second first: reads list a profile's transactions in rowid order.
+            for (t, attached_to) in [(&second, Some(owner)), (&first, Some(owner)), (&gone, None)] {
+                conn.execute(
+                    "INSERT INTO transactions (id, app_id, profile_id, store, store_transaction_id,
+                         store_original_transaction_id, data)
+                     VALUES (?1, ?2, ?3, 'app_store', ?4, ?4, ?5)",
+                    rusqlite::params![
+                        t.id.to_string(),
+                        app.to_string(),
+                        attached_to.map(|id| id.to_string()),
+                        t.store_transaction_id,
+                        serde_json::to_string(t).unwrap()
+                    ],
+                )
+                .unwrap();
+            }
+        }
+
+        let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        let read = |id| {
+            let store = &store;
+            async move {
+                store
+                    .load_profile(app, &ProfileKey::Id(id))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let owned = read(owner).await;
+        let ids: Vec<_> = owned.transactions.iter().map(|t| t.id).collect();
+        assert_eq!(ids, [second.id, first.id]);
+        assert!(owned
+            .transactions
+            .iter()
+            .all(|t| t.profile_id == Some(owner)));
+        assert_eq!(owned.profile.version, 2);
+        assert_eq!(
+            owned.profile.customer_user_id,
+            Some(format!("user-{owner}"))
+        );
+        assert!(owned.profile.doc.attributes.contains_key("plan"));
+        assert!(read(other).await.transactions.is_empty());
+        let by_cuid = store
+            .load_profile(app, &ProfileKey::CustomerUserId(format!("user-{other}")))
+            .await
+            .unwrap();
+        assert_eq!(by_cuid.map(|s| s.profile.id), Some(other));
+        let detached = store.detached_after(None, 10).await.unwrap();
+        assert_eq!(
+            detached
+                .iter()
+                .map(|d| d.transaction.id)
+                .collect::<Vec<_>>(),
+            [gone.id]
+        );
+        let counts = store.counts().await.unwrap();
+        assert_eq!((counts.profiles, counts.transactions), (2, 3));
     }
 }

@@ -41,19 +41,28 @@ struct ProfileRow {
     created_at: i64,
     updated_at: i64,
     doc: String,
+    /// The profile's transactions, as the JSON array reads answer with (migration 0003).
+    transactions: String,
 }
 
-const PROFILE_COLUMNS: &str = "id, customer_user_id, version, created_at, updated_at, doc";
+const PROFILE_COLUMNS: &str =
+    "id, customer_user_id, version, created_at, updated_at, doc, transactions";
+
+/// A profile row from its columns in `PROFILE_COLUMNS` order, starting at column `first`.
+fn profile_row_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<ProfileRow> {
+    Ok(ProfileRow {
+        id: r.get(first)?,
+        customer_user_id: r.get(first + 1)?,
+        version: r.get(first + 2)?,
+        created_at: r.get(first + 3)?,
+        updated_at: r.get(first + 4)?,
+        doc: r.get(first + 5)?,
+        transactions: r.get(first + 6)?,
+    })
+}
 
 fn profile_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProfileRow> {
-    Ok(ProfileRow {
-        id: r.get(0)?,
-        customer_user_id: r.get(1)?,
-        version: r.get(2)?,
-        created_at: r.get(3)?,
-        updated_at: r.get(4)?,
-        doc: r.get(5)?,
-    })
+    profile_row_at(r, 0)
 }
 
 fn find_profile_row(
@@ -105,17 +114,18 @@ fn collect_transactions(
     .collect()
 }
 
-fn hydrate(conn: &Connection, app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT profile_id, data FROM transactions WHERE app_id = ?1 AND profile_id = ?2 ORDER BY rowid",
-        )
-        .map_err(storage)?;
-    let transactions = collect_transactions(&mut stmt, params![app_id.to_string(), row.id])?;
+fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
+    let id = Uuid::parse_str(&row.id).map_err(|e| corrupt("profile id", e))?;
+    let mut transactions: Vec<Transaction> =
+        serde_json::from_str(&row.transactions).map_err(|e| corrupt("transactions", e))?;
+    // They are this profile's by being in its row; a moved transaction's own copy may be older.
+    for t in &mut transactions {
+        t.profile_id = Some(id);
+    }
     let doc: ProfileDoc = serde_json::from_str(&row.doc).map_err(|e| corrupt("profile", e))?;
     Ok(ProfileState {
         profile: Profile {
-            id: Uuid::parse_str(&row.id).map_err(|e| corrupt("profile id", e))?,
+            id,
             app_id,
             customer_user_id: row.customer_user_id,
             version: row.version,
@@ -133,7 +143,7 @@ pub fn load_profile(
     key: &ProfileKey,
 ) -> Result<Option<ProfileState>, StoreError> {
     find_profile_row(conn, app_id, key)?
-        .map(|row| hydrate(conn, app_id, row))
+        .map(|row| hydrate(app_id, row))
         .transpose()
 }
 
@@ -217,50 +227,57 @@ fn load(
     })
 }
 
-const INSERT_PROFILE: &str =
-    "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+const INSERT_PROFILE: &str = "INSERT INTO profiles
+         (app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Internal(e.to_string()))
+}
 
 /// Inserts the profile row, or with `upsert` replaces the row of the same id.
-fn insert_profile(
-    conn: &Connection,
-    p: &Profile,
-    doc: &str,
-    upsert: bool,
-) -> rusqlite::Result<usize> {
+fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Result<(), StoreError> {
+    let p = &state.profile;
     let upsert_sql;
     let sql = if upsert {
         upsert_sql = format!(
             "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
                  customer_user_id = excluded.customer_user_id, version = excluded.version,
                  created_at = excluded.created_at, updated_at = excluded.updated_at,
-                 doc = excluded.doc"
+                 doc = excluded.doc, transactions = excluded.transactions"
         );
         upsert_sql.as_str()
     } else {
         INSERT_PROFILE
     };
-    conn.prepare_cached(sql).and_then(|mut s| {
-        s.execute(params![
-            p.app_id.to_string(),
-            p.id.to_string(),
-            p.customer_user_id,
-            p.version,
-            to_micros(&p.created_at),
-            to_micros(&p.updated_at),
-            doc
-        ])
-    })
+    let (doc, transactions) = (to_json(&p.doc)?, to_json(&state.transactions)?);
+    conn.prepare_cached(sql)
+        .and_then(|mut s| {
+            s.execute(params![
+                p.app_id.to_string(),
+                p.id.to_string(),
+                p.customer_user_id,
+                p.version,
+                to_micros(&p.created_at),
+                to_micros(&p.updated_at),
+                doc,
+                transactions
+            ])
+        })
+        .map_err(storage)?;
+    Ok(())
 }
 
 fn save_profile(conn: &Connection, state: &ProfileState) -> Result<(), StoreError> {
     let p = &state.profile;
-    let doc = serde_json::to_string(&p.doc).map_err(|e| StoreError::Internal(e.to_string()))?;
-    let changed = if p.version == 1 {
-        insert_profile(conn, p, &doc, false)
-    } else {
-        conn.prepare_cached(
-            "UPDATE profiles SET customer_user_id = ?3, version = ?4, updated_at = ?5, doc = ?6
+    if p.version == 1 {
+        return insert_profile(conn, state, false);
+    }
+    let (doc, transactions) = (to_json(&p.doc)?, to_json(&state.transactions)?);
+    let changed = conn
+        .prepare_cached(
+            "UPDATE profiles SET customer_user_id = ?3, version = ?4, updated_at = ?5, doc = ?6,
+                 transactions = ?7
              WHERE app_id = ?1 AND id = ?2 AND version = ?4 - 1",
         )
         .and_then(|mut s| {
@@ -270,11 +287,11 @@ fn save_profile(conn: &Connection, state: &ProfileState) -> Result<(), StoreErro
                 p.customer_user_id,
                 p.version,
                 to_micros(&p.updated_at),
-                doc
+                doc,
+                transactions
             ])
         })
-    }
-    .map_err(storage)?;
+        .map_err(storage)?;
     if changed != 1 {
         return Err(StoreError::Internal(format!(
             "profile {} changed under a write (version {})",
@@ -284,8 +301,29 @@ fn save_profile(conn: &Connection, state: &ProfileState) -> Result<(), StoreErro
     Ok(())
 }
 
-fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<(), StoreError> {
-    let data = serde_json::to_string(t).map_err(|e| StoreError::Internal(e.to_string()))?;
+/// Upserts the transaction; answers the profile it was attached to before, if another.
+fn save_transaction(
+    conn: &Connection,
+    app_id: Uuid,
+    t: &Transaction,
+) -> Result<Option<String>, StoreError> {
+    let app = app_id.to_string();
+    let owner = t.profile_id.map(|id| id.to_string());
+    let previous_owner = conn
+        .prepare_cached(
+            "SELECT profile_id FROM transactions
+             WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![app, t.store, t.store_transaction_id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()
+        })
+        .map_err(storage)?
+        .flatten()
+        .filter(|previous| Some(previous) != owner.as_ref());
+    let data = to_json(t)?;
     conn.prepare_cached(
         "INSERT INTO transactions
              (id, app_id, profile_id, store, store_transaction_id, store_original_transaction_id,
@@ -300,8 +338,8 @@ fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<
     .and_then(|mut s| {
         s.execute(params![
             t.id.to_string(),
-            app_id.to_string(),
-            t.profile_id.map(|id| id.to_string()),
+            app,
+            owner,
             t.store,
             t.store_transaction_id,
             t.store_original_transaction_id,
@@ -310,6 +348,52 @@ fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<
         ])
     })
     .map_err(storage)?;
+    Ok(previous_owner)
+}
+
+/// Upserts transactions written with the profile `own_id` (whose row the caller writes), and
+/// brings every other profile they leave or join up to date in its row.
+fn save_transactions(
+    conn: &Connection,
+    app_id: Uuid,
+    transactions: &[Transaction],
+    own_id: &str,
+) -> Result<(), StoreError> {
+    let mut others: Vec<String> = Vec::new();
+    for t in transactions {
+        others.extend(save_transaction(conn, app_id, t)?);
+        others.extend(t.profile_id.map(|id| id.to_string()));
+    }
+    others.sort_unstable();
+    others.dedup();
+    for other in others.iter().filter(|id| id.as_str() != own_id) {
+        refresh_embedded(conn, app_id, other)?;
+    }
+    Ok(())
+}
+
+/// The profile's transactions as the transactions table holds them, in rowid order.
+fn attached_transactions(
+    conn: &Connection,
+    app_id: Uuid,
+    profile_id: &str,
+) -> Result<Vec<Transaction>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT profile_id, data FROM transactions
+             WHERE app_id = ?1 AND profile_id = ?2 ORDER BY rowid",
+        )
+        .map_err(storage)?;
+    collect_transactions(&mut stmt, params![app_id.to_string(), profile_id])
+}
+
+/// Rewrites the transactions kept in a profile's row from the transactions table, for a
+/// profile whose transactions a write on another profile moved.
+fn refresh_embedded(conn: &Connection, app_id: Uuid, profile_id: &str) -> Result<(), StoreError> {
+    let transactions = to_json(&attached_transactions(conn, app_id, profile_id)?)?;
+    conn.prepare_cached("UPDATE profiles SET transactions = ?3 WHERE app_id = ?1 AND id = ?2")
+        .and_then(|mut s| s.execute(params![app_id.to_string(), profile_id, transactions]))
+        .map_err(storage)?;
     Ok(())
 }
 
@@ -322,8 +406,7 @@ fn initial_state(e: &NewEvent) -> DeliveryState {
 }
 
 fn insert_event(conn: &Connection, app_id: Uuid, e: &NewEvent) -> Result<(), StoreError> {
-    let payload =
-        serde_json::to_string(&e.payload).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let payload = to_json(&e.payload)?;
     let at = to_micros(&e.occurred_at);
     conn.prepare_cached(
         "INSERT INTO events (id, app_id, profile_id, event_type, environment, created_at, payload,
@@ -372,14 +455,14 @@ pub fn write(
             touched.push(state.profile.id);
             touched.extend(transactions.iter().filter_map(|t| t.profile_id));
             save_profile(conn, &state)?;
-            for t in &transactions {
-                save_transaction(conn, app_id, t)?;
-            }
+            let own_id = state.profile.id.to_string();
+            save_transactions(conn, app_id, &transactions, &own_id)?;
             for e in &events {
                 insert_event(conn, app_id, e)?;
             }
             // The writer hands this state to the cache as the profile's committed form, so it
-            // must be exactly what a read returns; every test build checks that it is.
+            // must be exactly what a read returns, and the row's copy of the transactions what
+            // the transactions table holds; every test build checks both.
             #[cfg(debug_assertions)]
             {
                 let read = load_profile(conn, app_id, &ProfileKey::Id(state.profile.id))?;
@@ -387,6 +470,11 @@ pub fn write(
                     read.as_ref(),
                     Some(&state),
                     "a saved state differs from its read"
+                );
+                assert_eq!(
+                    attached_transactions(conn, app_id, &own_id)?,
+                    state.transactions,
+                    "a profile row's transactions differ from the transactions table"
                 );
             }
             Ok(Outcome::Saved(Arc::new(state)))
@@ -410,8 +498,7 @@ pub fn write(
 pub fn put_apps(conn: &Connection, apps: &[AppDefinition]) -> Result<(), StoreError> {
     let now = to_micros(&chrono::Utc::now());
     for app in apps {
-        let definition =
-            serde_json::to_string(app).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let definition = to_json(app)?;
         conn.prepare_cached(
             "INSERT INTO apps (id, name, definition, updated_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, definition = excluded.definition,
@@ -469,16 +556,7 @@ pub fn profiles_after(
         .map_err(storage)?;
     let rows = stmt
         .query_map(params![app, id, limit], |r| {
-            let app_id: String = r.get(0)?;
-            let row = ProfileRow {
-                id: r.get(1)?,
-                customer_user_id: r.get(2)?,
-                version: r.get(3)?,
-                created_at: r.get(4)?,
-                updated_at: r.get(5)?,
-                doc: r.get(6)?,
-            };
-            Ok((app_id, row))
+            Ok((r.get::<_, String>(0)?, profile_row_at(r, 1)?))
         })
         .map_err(storage)?
         .collect::<Result<Vec<_>, _>>()
@@ -486,7 +564,7 @@ pub fn profiles_after(
     rows.into_iter()
         .map(|(app_id, row)| {
             let app_id = Uuid::parse_str(&app_id).map_err(|e| corrupt("app id", e))?;
-            hydrate(conn, app_id, row)
+            hydrate(app_id, row)
         })
         .collect()
 }
@@ -525,14 +603,11 @@ pub fn import(
 ) -> Result<(), StoreError> {
     for state in profiles {
         let p = &state.profile;
-        let doc = serde_json::to_string(&p.doc).map_err(|e| StoreError::Internal(e.to_string()))?;
-        insert_profile(conn, p, &doc, true).map_err(storage)?;
-        for t in &state.transactions {
-            save_transaction(conn, p.app_id, t)?;
-        }
+        insert_profile(conn, state, true)?;
+        save_transactions(conn, p.app_id, &state.transactions, &p.id.to_string())?;
     }
     for d in detached {
-        save_transaction(conn, d.app_id, &d.transaction)?;
+        save_transactions(conn, d.app_id, std::slice::from_ref(&d.transaction), "")?;
     }
     Ok(())
 }

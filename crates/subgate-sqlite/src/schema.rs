@@ -1,5 +1,5 @@
-//! Migrations, applied in order and tracked in `PRAGMA user_version`. File names match the
-//! PostgreSQL backend's.
+//! Migrations, applied in order and tracked in `PRAGMA user_version`. Each backend numbers its
+//! own: the first two match the PostgreSQL backend's, later ones need not.
 
 use rusqlite::Connection;
 use subgate_core::store::StoreError;
@@ -7,6 +7,10 @@ use subgate_core::store::StoreError;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_init", include_str!("../migrations/0001_init.sql")),
     ("0002_events", include_str!("../migrations/0002_events.sql")),
+    (
+        "0003_profile_rows",
+        include_str!("../migrations/0003_profile_rows.sql"),
+    ),
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
