@@ -154,9 +154,15 @@ pub struct ProfileFields {
 pub struct Grant {
     pub id: Uuid,
     pub access_level_id: String,
+    #[serde(with = "crate::time::stored")]
     pub starts_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::stored::option"
+    )]
     pub expires_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::time::stored")]
     pub created_at: DateTime<Utc>,
     /// Write sequence number in the profile: a revoke caps only sources older than itself.
     pub seq: i64,
@@ -184,7 +190,9 @@ pub struct GrantPurchase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Revoke {
     pub access_level_id: String,
+    #[serde(with = "crate::time::stored")]
     pub revoke_at: DateTime<Utc>,
+    #[serde(with = "crate::time::stored")]
     pub created_at: DateTime<Utc>,
     pub seq: i64,
 }
@@ -286,12 +294,25 @@ pub struct Transaction {
     pub offer: Option<Offer>,
     pub is_family_shared: bool,
     pub price: Price,
+    #[serde(with = "crate::time::stored")]
     pub purchased_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::stored::option"
+    )]
     pub originally_purchased_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::stored::option"
+    )]
     pub expires_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::stored::option"
+    )]
     pub refunded_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancellation_reason: Option<String>,
@@ -299,13 +320,27 @@ pub struct Transaction {
     pub variation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_status: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::stored::option"
+    )]
     pub renew_status_changed_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::stored::option"
+    )]
     pub billing_issue_detected_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::time::stored::option"
+    )]
     pub grace_period_expires_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::time::stored")]
     pub created_at: DateTime<Utc>,
+    #[serde(with = "crate::time::stored")]
     pub updated_at: DateTime<Utc>,
     /// The end of this period has been dealt with (an expiry event sent, or found superseded
     /// by a later transaction of the chain).

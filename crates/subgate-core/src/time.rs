@@ -48,6 +48,103 @@ fn write_micros<'a>(dt: &DateTime<Utc>, offset: &str, buf: &'a mut DateBuf) -> &
     std::str::from_utf8(&buf[..end]).unwrap_or_default()
 }
 
+/// Instants in stored documents (`#[serde(with = "time::stored")]`): RFC 3339 in UTC, written
+/// and read by hand in the form Subgate writes (`2024-12-24T10:50:23.000000Z`), since chrono's
+/// `Display` and parser were a tenth of decoding a profile. Any other RFC 3339 text, as
+/// earlier versions wrote it, is read by chrono; an instant finer than a microsecond is
+/// written by chrono too, so nothing is rounded.
+pub mod stored {
+    use chrono::{DateTime, NaiveDate, Utc};
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(dt: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        let nanos = dt.timestamp_subsec_nanos();
+        // A leap second's extra second is in its nanoseconds; chrono writes it.
+        if nanos < 1_000_000_000 && nanos.is_multiple_of(1_000) {
+            s.serialize_str(super::write_micros(dt, "Z", &mut [0; 32]))
+        } else {
+            s.collect_str(&dt.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        d.deserialize_str(Instant)
+    }
+
+    struct Instant;
+
+    impl de::Visitor<'_> for Instant {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an RFC 3339 date-time")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            match parse_utc(text.as_bytes()) {
+                Some(dt) => Ok(dt),
+                None => text.parse().map_err(E::custom),
+            }
+        }
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z`, or `None` for anything else.
+    fn parse_utc(b: &[u8]) -> Option<DateTime<Utc>> {
+        fn number(digits: &[u8]) -> Option<u32> {
+            digits.iter().try_fold(0u32, |n, &c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
+        }
+        let punctuation = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+        if b.len() < 20 || b.last() != Some(&b'Z') || punctuation.iter().any(|&(i, c)| b[i] != c) {
+            return None;
+        }
+        let nanos = match &b[19..b.len() - 1] {
+            [] => 0,
+            [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+                number(fraction)? * 10u32.pow(9 - fraction.len() as u32)
+            }
+            _ => return None,
+        };
+        let date = NaiveDate::from_ymd_opt(
+            i32::try_from(number(&b[0..4])?).ok()?,
+            number(&b[5..7])?,
+            number(&b[8..10])?,
+        )?;
+        let time = date.and_hms_nano_opt(
+            number(&b[11..13])?,
+            number(&b[14..16])?,
+            number(&b[17..19])?,
+            nanos,
+        )?;
+        Some(time.and_utc())
+    }
+
+    /// The same for optional instants; pair it with `default`.
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(
+            dt: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match dt {
+                Some(dt) => super::serialize(dt, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            #[derive(Deserialize)]
+            struct Stored(#[serde(with = "super")] DateTime<Utc>);
+            Ok(Option::<Stored>::deserialize(d)?.map(|Stored(dt)| dt))
+        }
+    }
+}
+
 /// v2 dates: `2024-12-24T10:50:23.000000+00:00`.
 pub fn format_v2(dt: &DateTime<Utc>) -> String {
     format_v2_into(dt, &mut [0; 32]).to_owned()
@@ -141,6 +238,54 @@ mod tests {
                 format_v1(&dt),
                 dt.format("%Y-%m-%dT%H:%M:%S%.6f+0000").to_string()
             );
+        }
+    }
+
+    #[test]
+    fn stored_instants_read_back_exactly_and_read_what_chrono_wrote() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Doc {
+            #[serde(with = "stored")]
+            at: DateTime<Utc>,
+            #[serde(default, with = "stored::option")]
+            until: Option<DateTime<Utc>>,
+        }
+        for text in [
+            "2024-12-24T10:50:23Z",
+            "2024-12-24T10:50:23.1Z",
+            "2020-02-21T16:30:34.123456Z",
+            "2026-11-18T20:48:50.189708258Z",
+            "2022-10-12T11:42:50+02:00",
+            "0999-01-02T03:04:05.000001Z",
+        ] {
+            let chrono_read: DateTime<Utc> = text.parse().unwrap();
+            let json = serde_json::json!({ "at": text, "until": text });
+            let doc: Doc = serde_json::from_value(json).unwrap();
+            assert_eq!(doc.at, chrono_read, "{text}");
+            assert_eq!(doc.until, Some(chrono_read), "{text}");
+            let stored = serde_json::to_value(&doc).unwrap();
+            let stored_text = stored["at"].as_str().unwrap();
+            assert_eq!(stored_text.parse::<DateTime<Utc>>().unwrap(), chrono_read);
+            assert_eq!(serde_json::from_value::<Doc>(stored).unwrap(), doc);
+        }
+        let dt: DateTime<Utc> = "2024-12-24T10:50:23.5Z".parse().unwrap();
+        let stored = serde_json::to_value(Doc {
+            at: dt,
+            until: None,
+        })
+        .unwrap();
+        assert_eq!(stored["at"], "2024-12-24T10:50:23.500000Z");
+        assert_eq!(stored["until"], serde_json::Value::Null);
+        let missing: Doc = serde_json::from_str(r#"{"at": "2024-12-24T10:50:23Z"}"#).unwrap();
+        assert_eq!(missing.until, None);
+        for bad in [
+            "2024-12-24",
+            "2024-13-01T00:00:00Z",
+            "2024-12-24T10:50:23.Z",
+            "soon",
+        ] {
+            let json = serde_json::json!({ "at": bad });
+            assert!(serde_json::from_value::<Doc>(json).is_err(), "{bad}");
         }
     }
 }
