@@ -235,21 +235,14 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
-/// Inserts the profile row, or with `upsert` replaces the row of the same id.
-fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Result<(), StoreError> {
+/// Runs `sql` with the profile's columns as parameters ?1 to ?8, in `INSERT_PROFILE`'s order
+/// (a statement may leave some unused).
+fn execute_profile(
+    conn: &Connection,
+    sql: &str,
+    state: &ProfileState,
+) -> Result<usize, StoreError> {
     let p = &state.profile;
-    let upsert_sql;
-    let sql = if upsert {
-        upsert_sql = format!(
-            "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
-                 customer_user_id = excluded.customer_user_id, version = excluded.version,
-                 created_at = excluded.created_at, updated_at = excluded.updated_at,
-                 doc = excluded.doc, transactions = excluded.transactions"
-        );
-        upsert_sql.as_str()
-    } else {
-        INSERT_PROFILE
-    };
     let (doc, transactions) = (to_json(&p.doc)?, to_json(&state.transactions)?);
     conn.prepare_cached(sql)
         .and_then(|mut s| {
@@ -264,7 +257,24 @@ fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Resu
                 transactions
             ])
         })
-        .map_err(storage)?;
+        .map_err(storage)
+}
+
+/// Inserts the profile row, or with `upsert` replaces the row of the same id.
+fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Result<(), StoreError> {
+    let upsert_sql;
+    let sql = if upsert {
+        upsert_sql = format!(
+            "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
+                 customer_user_id = excluded.customer_user_id, version = excluded.version,
+                 created_at = excluded.created_at, updated_at = excluded.updated_at,
+                 doc = excluded.doc, transactions = excluded.transactions"
+        );
+        upsert_sql.as_str()
+    } else {
+        INSERT_PROFILE
+    };
+    execute_profile(conn, sql, state)?;
     Ok(())
 }
 
@@ -273,25 +283,14 @@ fn save_profile(conn: &Connection, state: &ProfileState) -> Result<(), StoreErro
     if p.version == 1 {
         return insert_profile(conn, state, false);
     }
-    let (doc, transactions) = (to_json(&p.doc)?, to_json(&state.transactions)?);
-    let changed = conn
-        .prepare_cached(
-            "UPDATE profiles SET customer_user_id = ?3, version = ?4, updated_at = ?5, doc = ?6,
-                 transactions = ?7
-             WHERE app_id = ?1 AND id = ?2 AND version = ?4 - 1",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                p.app_id.to_string(),
-                p.id.to_string(),
-                p.customer_user_id,
-                p.version,
-                to_micros(&p.updated_at),
-                doc,
-                transactions
-            ])
-        })
-        .map_err(storage)?;
+    // Keeps `created_at` (?5).
+    let changed = execute_profile(
+        conn,
+        "UPDATE profiles SET customer_user_id = ?3, version = ?4, updated_at = ?6, doc = ?7,
+             transactions = ?8
+         WHERE app_id = ?1 AND id = ?2 AND version = ?4 - 1",
+        state,
+    )?;
     if changed != 1 {
         return Err(StoreError::Internal(format!(
             "profile {} changed under a write (version {})",
