@@ -351,13 +351,14 @@ fn save_transaction(
 }
 
 /// Upserts transactions written with the profile `own_id` (whose row the caller writes), and
-/// brings every other profile they leave or join up to date in its row.
+/// brings every other profile they leave or join up to date in its row. Answers those other
+/// profiles, which a cache must forget.
 fn save_transactions(
     conn: &Connection,
     app_id: Uuid,
     transactions: &[Transaction],
     own_id: &str,
-) -> Result<(), StoreError> {
+) -> Result<Vec<Uuid>, StoreError> {
     let mut others: Vec<String> = Vec::new();
     for t in transactions {
         others.extend(save_transaction(conn, app_id, t)?);
@@ -365,10 +366,14 @@ fn save_transactions(
     }
     others.sort_unstable();
     others.dedup();
-    for other in others.iter().filter(|id| id.as_str() != own_id) {
-        refresh_embedded(conn, app_id, other)?;
-    }
-    Ok(())
+    others.retain(|id| id.as_str() != own_id);
+    others
+        .iter()
+        .map(|other| {
+            refresh_embedded(conn, app_id, other)?;
+            Uuid::parse_str(other).map_err(|e| corrupt("transaction profile id", e))
+        })
+        .collect()
 }
 
 /// The profile's transactions as the transactions table holds them, in rowid order.
@@ -455,7 +460,8 @@ pub fn write(
             touched.extend(transactions.iter().filter_map(|t| t.profile_id));
             save_profile(conn, &state)?;
             let own_id = state.profile.id.to_string();
-            save_transactions(conn, app_id, &transactions, &own_id)?;
+            // The decision's lookup found every such profile already; this covers any it missed.
+            touched.extend(save_transactions(conn, app_id, &transactions, &own_id)?);
             for e in &events {
                 insert_event(conn, app_id, e)?;
             }
@@ -603,6 +609,7 @@ pub fn import(
     for state in profiles {
         let p = &state.profile;
         insert_profile(conn, state, true)?;
+        // The cache is cleared after an import.
         save_transactions(conn, p.app_id, &state.transactions, &p.id.to_string())?;
     }
     for d in detached {
