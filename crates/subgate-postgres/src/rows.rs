@@ -24,12 +24,9 @@ fn column_time(t: &DateTime<Utc>) -> DateTime<Utc> {
     from_micros(to_micros(t))
 }
 
-/// A profile and its transactions in one statement, so a read sees one snapshot.
-const PROFILE_WITH_TRANSACTIONS: &str = "
-    SELECT p.app_id, p.id, p.customer_user_id, p.version, p.created_at, p.updated_at, p.doc,
-        COALESCE((SELECT json_agg(t.data ORDER BY t.position) FROM transactions t
-                  WHERE t.app_id = p.app_id AND t.profile_id = p.id), '[]'::json)
-    FROM profiles p";
+/// A profile row with its transactions (migration 0004), in [`state_from`]'s column order.
+const PROFILE_COLUMNS: &str =
+    "app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions";
 
 fn profile_from(row: &Row) -> Result<Profile, StoreError> {
     let doc: Json<ProfileDoc> = get(row, 6)?;
@@ -47,7 +44,7 @@ fn profile_from(row: &Row) -> Result<Profile, StoreError> {
 pub fn state_from(row: &Row) -> Result<ProfileState, StoreError> {
     let profile = profile_from(row)?;
     let Json(mut transactions): Json<Vec<Transaction>> = get(row, 7)?;
-    // The column is the truth: detaching and re-attaching only rewrite it.
+    // They are this profile's by being in its row; a moved transaction's own copy may be older.
     for t in &mut transactions {
         t.profile_id = Some(profile.id);
     }
@@ -92,15 +89,13 @@ pub async fn load_profile_rows(
 ) -> Result<Vec<Option<Row>>, StoreError> {
     const SQL: &str = "
         SELECT p.app_id, p.id, p.customer_user_id, p.version, p.created_at, p.updated_at, p.doc,
-            COALESCE((SELECT json_agg(t.data ORDER BY t.position) FROM transactions t
-                      WHERE t.app_id = p.app_id AND t.profile_id = p.id), '[]'::json),
-            k.i
+            p.transactions, k.i
         FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(app_id, id, cuid, i)
         CROSS JOIN LATERAL (
-            SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc
+            SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions
             FROM profiles WHERE app_id = k.app_id AND id = k.id
             UNION ALL
-            SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc
+            SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions
             FROM profiles WHERE app_id = k.app_id AND customer_user_id = k.cuid
         ) p";
     let apps: Vec<Uuid> = keys.iter().map(|(app, _)| *app).collect();
@@ -137,48 +132,53 @@ pub async fn load_profile_rows(
 
 /// Locks the profile row a write names. Its transactions are read by a later statement: under
 /// READ COMMITTED that one sees everything the previous lock holder committed.
+/// Locks and loads the profile with its transactions. Under READ COMMITTED a locked row is
+/// its latest committed version, so it holds every transaction moved to or from it so far.
 async fn lock_profile(
     client: &impl GenericClient,
     app_id: Uuid,
     lookup: &Lookup,
-) -> Result<Option<Profile>, Failure> {
-    const COLUMNS: &str =
-        "SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc FROM profiles";
+) -> Result<Option<ProfileState>, Failure> {
     let row = match (&lookup.profile_id, &lookup.customer_user_id) {
         (Some(id), _) => {
-            let sql = format!("{COLUMNS} WHERE app_id = $1 AND id = $2 FOR UPDATE");
+            let sql = format!(
+                "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = $1 AND id = $2 FOR UPDATE"
+            );
             let stmt = client.prepare_cached(&sql).await?;
             client.query_opt(&stmt, &[&app_id, id]).await?
         }
         (None, Some(cuid)) => {
-            let sql = format!("{COLUMNS} WHERE app_id = $1 AND customer_user_id = $2 FOR UPDATE");
+            let sql = format!(
+                "SELECT {PROFILE_COLUMNS} FROM profiles
+                 WHERE app_id = $1 AND customer_user_id = $2 FOR UPDATE"
+            );
             let stmt = client.prepare_cached(&sql).await?;
             client.query_opt(&stmt, &[&app_id, cuid]).await?
         }
         (None, None) => None,
     };
-    Ok(row.as_ref().map(profile_from).transpose()?)
+    Ok(row.as_ref().map(state_from).transpose()?)
 }
 
-async fn profile_transactions(
+/// A profile's transactions as the transactions table holds them, as one JSON array.
+const ATTACHED_TRANSACTIONS: &str = "COALESCE((SELECT json_agg(t.data ORDER BY t.position)
+    FROM transactions t WHERE t.app_id = $1 AND t.profile_id = $2), '[]'::json)";
+
+/// Rewrites the transactions kept in a profile's row from the transactions table, for a
+/// profile whose transactions a write on another profile moved.
+async fn refresh_embedded(
     client: &impl GenericClient,
-    profile: Option<&Profile>,
-) -> Result<Vec<Transaction>, Failure> {
-    let Some(profile) = profile else {
-        return Ok(Vec::new());
-    };
-    let stmt = client
-        .prepare_cached(
-            "SELECT data FROM transactions WHERE app_id = $1 AND profile_id = $2 ORDER BY position",
-        )
-        .await?;
-    let mut transactions = Vec::new();
-    for row in client.query(&stmt, &[&profile.app_id, &profile.id]).await? {
-        let Json(mut t): Json<Transaction> = get(&row, 0)?;
-        t.profile_id = Some(profile.id);
-        transactions.push(t);
-    }
-    Ok(transactions)
+    app_id: Uuid,
+    profile_id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = format!(
+        "UPDATE profiles SET transactions = {ATTACHED_TRANSACTIONS} WHERE app_id = $1 AND id = $2"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    client
+        .execute(&stmt, &[&app_id, &profile_id])
+        .await
+        .map(drop)
 }
 
 /// Locks and loads the transactions of a chain (and the named transaction), on any profile.
@@ -229,7 +229,7 @@ async fn load(
         match (&lookup.customer_user_id, &lookup.profile_id) {
             (None, _) => Ok(None),
             // Looked up by the customer user id itself: its owner is the profile just locked.
-            (Some(_), None) => Ok(profile.as_ref().map(|p| p.id)),
+            (Some(_), None) => Ok(profile.as_ref().map(|s| s.profile.id)),
             (Some(cuid), Some(_)) => {
                 let stmt = client
                     .prepare_cached(
@@ -249,32 +249,25 @@ async fn load(
             None => Ok(Vec::new()),
         }
     };
-    let (transactions, customer_user_id_owner, related) = match tokio::join!(
-        profile_transactions(client, profile.as_ref()),
-        owner,
-        related
-    ) {
-        (Ok(transactions), Ok(owner), Ok(related)) => (transactions, owner, related),
-        (a, b, c) => return Err(cause([a.err(), b.err(), c.err()].into_iter().flatten())),
+    let (customer_user_id_owner, related) = match tokio::join!(owner, related) {
+        (Ok(owner), Ok(related)) => (owner, related),
+        (a, b) => return Err(cause([a.err(), b.err()].into_iter().flatten())),
     };
     Ok(Loaded {
-        profile: profile.map(|profile| ProfileState {
-            profile,
-            transactions,
-        }),
+        profile,
         customer_user_id_owner,
         related,
     })
 }
 
-const INSERT_PROFILE: &str =
-    "INSERT INTO profiles (app_id, id, customer_user_id, version, created_at, updated_at, doc)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const INSERT_PROFILE: &str = "INSERT INTO profiles
+         (app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Inserts the profile row, or with `upsert` replaces the row of the same id.
 async fn insert_profile(
     client: &impl GenericClient,
-    p: &Profile,
+    state: &ProfileState,
     upsert: bool,
 ) -> Result<u64, tokio_postgres::Error> {
     let stmt = if upsert {
@@ -283,12 +276,13 @@ async fn insert_profile(
                 "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
                      customer_user_id = excluded.customer_user_id, version = excluded.version,
                      created_at = excluded.created_at, updated_at = excluded.updated_at,
-                     doc = excluded.doc"
+                     doc = excluded.doc, transactions = excluded.transactions"
             ))
             .await?
     } else {
         client.prepare_cached(INSERT_PROFILE).await?
     };
+    let p = &state.profile;
     let (created_at, updated_at) = (column_time(&p.created_at), column_time(&p.updated_at));
     client
         .execute(
@@ -301,6 +295,7 @@ async fn insert_profile(
                 &created_at,
                 &updated_at,
                 &Json(&p.doc),
+                &Json(&state.transactions),
             ],
         )
         .await
@@ -308,15 +303,15 @@ async fn insert_profile(
 
 async fn save_profile(client: &impl GenericClient, state: &ProfileState) -> Result<(), Failure> {
     let p = &state.profile;
-    let doc = Json(&p.doc);
     let changed = if p.version == 1 {
         // A concurrent creator of the same id or customer user id makes this a unique
         // violation: the write is run again and then finds that profile.
-        insert_profile(client, p, false).await?
+        insert_profile(client, state, false).await?
     } else {
         let stmt = client
             .prepare_cached(
-                "UPDATE profiles SET customer_user_id = $3, version = $4, updated_at = $5, doc = $6
+                "UPDATE profiles SET customer_user_id = $3, version = $4, updated_at = $5, doc = $6,
+                     transactions = $7
                  WHERE app_id = $1 AND id = $2 AND version = $4::bigint - 1",
             )
             .await?;
@@ -329,7 +324,8 @@ async fn save_profile(client: &impl GenericClient, state: &ProfileState) -> Resu
                     &p.customer_user_id,
                     &p.version,
                     &column_time(&p.updated_at),
-                    &doc,
+                    &Json(&p.doc),
+                    &Json(&state.transactions),
                 ],
             )
             .await?
@@ -347,29 +343,16 @@ const INSERT_TRANSACTION: &str = "INSERT INTO transactions (id, app_id, profile_
         store_transaction_id, store_original_transaction_id, data, expiry_due_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
-/// Inserts `t`, or with `upsert` replaces the row of the same store transaction.
-async fn insert_transaction(
+/// Runs `sql` with `t`'s columns as parameters $1 to $8, in `INSERT_TRANSACTION`'s order.
+async fn run_with_transaction(
     client: &impl GenericClient,
+    sql: &str,
     app_id: Uuid,
     t: &Transaction,
-    upsert: bool,
-) -> Result<(), tokio_postgres::Error> {
-    let stmt = if upsert {
-        client
-            .prepare_cached(&format!(
-                "{INSERT_TRANSACTION}
-                 ON CONFLICT (app_id, store, store_transaction_id) DO UPDATE SET
-                     profile_id = excluded.profile_id,
-                     store_original_transaction_id = excluded.store_original_transaction_id,
-                     data = excluded.data,
-                     expiry_due_at = excluded.expiry_due_at"
-            ))
-            .await?
-    } else {
-        client.prepare_cached(INSERT_TRANSACTION).await?
-    };
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(sql).await?;
     client
-        .execute(
+        .query(
             &stmt,
             &[
                 &t.id,
@@ -383,7 +366,66 @@ async fn insert_transaction(
             ],
         )
         .await
+}
+
+/// Inserts `t`; a row of the same store transaction makes it a unique violation.
+async fn insert_transaction(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    t: &Transaction,
+) -> Result<(), tokio_postgres::Error> {
+    run_with_transaction(client, INSERT_TRANSACTION, app_id, t)
+        .await
         .map(drop)
+}
+
+/// Inserts `t` or replaces the row of the same store transaction. With `same_owner`, a row
+/// attached to another profile is left alone; answers whether a row was written.
+async fn upsert_transaction(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    t: &Transaction,
+    same_owner: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    let condition = if same_owner {
+        "WHERE transactions.profile_id IS NOT DISTINCT FROM excluded.profile_id"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "{INSERT_TRANSACTION}
+         ON CONFLICT (app_id, store, store_transaction_id) DO UPDATE SET
+             profile_id = excluded.profile_id,
+             store_original_transaction_id = excluded.store_original_transaction_id,
+             data = excluded.data,
+             expiry_due_at = excluded.expiry_due_at
+         {condition}
+         RETURNING 1"
+    );
+    let rows = run_with_transaction(client, &sql, app_id, t).await?;
+    Ok(!rows.is_empty())
+}
+
+/// Moves the row of `t`'s store transaction to `t`'s profile; answers the profile it left.
+async fn move_transaction(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    t: &Transaction,
+) -> Result<Option<Uuid>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT profile_id FROM transactions
+             WHERE app_id = $1 AND store = $2 AND store_transaction_id = $3 FOR UPDATE",
+        )
+        .await?;
+    let previous = client
+        .query_opt(&stmt, &[&app_id, &t.store, &t.store_transaction_id])
+        .await?
+        .map(|row| row.try_get::<_, Option<Uuid>>(0))
+        .transpose()?
+        .flatten();
+    upsert_transaction(client, app_id, t, false).await?;
+    Ok(previous)
 }
 
 async fn update_transaction(
@@ -454,7 +496,7 @@ pub async fn write(
                 } else {
                     // Someone else recording it first makes this a unique violation: rerun.
                     steps.push(Box::pin(async move {
-                        insert_transaction(client, app_id, t, false).await?;
+                        insert_transaction(client, app_id, t).await?;
                         Ok(())
                     }));
                 }
@@ -468,6 +510,44 @@ pub async fn write(
             let results = futures_util::future::join_all(steps).await;
             if results.iter().any(Result::is_err) {
                 return Err(cause(results.into_iter().filter_map(Result::err)));
+            }
+            // Profiles that transactions left (a restored chain): their rows must drop them.
+            // Their transaction rows are locked already (`lock_chain`); taking their profile
+            // rows now can deadlock with a writer of that profile, and PostgreSQL then fails
+            // one of the two, which runs again.
+            let mut moved_from: Vec<Uuid> = transactions
+                .iter()
+                .filter_map(|t| {
+                    loaded
+                        .related
+                        .iter()
+                        .find(|r| {
+                            r.store == t.store && r.store_transaction_id == t.store_transaction_id
+                        })
+                        .and_then(|r| r.profile_id)
+                        .filter(|&owner| Some(owner) != t.profile_id)
+                })
+                .collect();
+            moved_from.sort_unstable();
+            moved_from.dedup();
+            for owner in moved_from {
+                refresh_embedded(client, app_id, owner).await?;
+            }
+            // Every test build checks the row's copy against the transactions table.
+            #[cfg(debug_assertions)]
+            {
+                let sql = format!("SELECT {ATTACHED_TRANSACTIONS}");
+                let row = client
+                    .query_one(&sql, &[&app_id, &state.profile.id])
+                    .await?;
+                let Json(mut table): Json<Vec<Transaction>> = get(&row, 0)?;
+                for t in &mut table {
+                    t.profile_id = Some(state.profile.id);
+                }
+                assert_eq!(
+                    table, state.transactions,
+                    "a profile row's transactions differ from the transactions table"
+                );
             }
             Ok(Outcome::Saved(Arc::new(state)))
         }
@@ -542,9 +622,9 @@ pub async fn profiles_after(
 ) -> Result<Vec<ProfileState>, StoreError> {
     let (app_id, id) = after.unzip();
     let sql = format!(
-        "{PROFILE_WITH_TRANSACTIONS}
-         WHERE $1::uuid IS NULL OR (p.app_id, p.id) > ($1, $2)
-         ORDER BY p.app_id, p.id LIMIT $3"
+        "SELECT {PROFILE_COLUMNS} FROM profiles
+         WHERE $1::uuid IS NULL OR (app_id, id) > ($1, $2)
+         ORDER BY app_id, id LIMIT $3"
     );
     let rows = client
         .query(&sql, &[&app_id, &id, &i64::from(limit)])
@@ -587,22 +667,45 @@ pub async fn import(
     // Every statement of the batch is put in flight at once: tokio-postgres pipelines them on
     // the connection, in order, so a batch costs a few round trips instead of one per row.
     let profile_rows = profiles.iter().map(|state| async move {
-        insert_profile(client, &state.profile, true)
+        insert_profile(client, state, true)
             .await
             .map_err(classify)
             .map(drop)
     });
     futures_util::future::try_join_all(profile_rows).await?;
-    let transactions = profiles
+    let transactions: Vec<(Uuid, &Transaction)> = profiles
         .iter()
         .flat_map(|state| state.transactions.iter().map(|t| (state.profile.app_id, t)))
         .chain(detached.iter().map(|d| (d.app_id, &d.transaction)))
-        .map(|(app_id, t)| async move {
-            insert_transaction(client, app_id, t, true)
-                .await
-                .map_err(classify)
-        });
-    futures_util::future::try_join_all(transactions).await?;
+        .collect();
+    // The common case (a new row, or one on the same profile) is one pipelined upsert each.
+    // A row on another profile (`copy-store --overwrite`) is left by it and moved after, and
+    // the profile it leaves gets its row rebuilt.
+    let upserts = transactions.iter().map(|&(app_id, t)| async move {
+        let written = upsert_transaction(client, app_id, t, true)
+            .await
+            .map_err(classify)?;
+        Ok::<_, StoreError>((!written).then_some((app_id, t)))
+    });
+    let to_move: Vec<(Uuid, &Transaction)> = futures_util::future::try_join_all(upserts)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut moved_from = Vec::new();
+    for (app_id, t) in to_move {
+        let previous = move_transaction(client, app_id, t)
+            .await
+            .map_err(classify)?;
+        moved_from.extend(previous.map(|owner| (app_id, owner)));
+    }
+    moved_from.sort_unstable();
+    moved_from.dedup();
+    for (app_id, owner) in moved_from {
+        refresh_embedded(client, app_id, owner)
+            .await
+            .map_err(classify)?;
+    }
     Ok(())
 }
 

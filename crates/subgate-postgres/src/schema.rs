@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0003_json_columns",
         include_str!("../migrations/0003_json_columns.sql"),
     ),
+    (
+        4,
+        "0004_profile_transactions",
+        include_str!("../migrations/0004_profile_transactions.sql"),
+    ),
 ];
 
 /// Any fixed number works; it only has to be the same on every node ("subgate" in ASCII).

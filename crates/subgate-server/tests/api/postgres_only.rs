@@ -494,13 +494,15 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
         profile(node.base.clone()).await
     };
 
-    // Back to schema version 2: the documents as jsonb, as versions before 0003 wrote them.
+    // Back to schema version 2: the documents as jsonb, as versions before 0003 wrote them,
+    // and transactions only in their own table, as before 0004.
     let pg = pg_connect(&db.url).await;
     pg.batch_execute(
         "ALTER TABLE profiles ALTER COLUMN doc TYPE jsonb USING doc::jsonb;
          ALTER TABLE transactions ALTER COLUMN data TYPE jsonb USING data::jsonb;
          ALTER TABLE events ALTER COLUMN payload TYPE jsonb USING payload::jsonb;
-         DELETE FROM subgate_migrations WHERE version = 3;",
+         ALTER TABLE profiles DROP COLUMN transactions;
+         DELETE FROM subgate_migrations WHERE version >= 3;",
     )
     .await
     .unwrap();

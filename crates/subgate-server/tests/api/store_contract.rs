@@ -12,7 +12,8 @@ use subgate_core::model::{
     ProfileState, PurchaseType, Transaction,
 };
 use subgate_core::store::{
-    ChainRef, Change, Counts, Decide, Loaded, Lookup, Outcome, Store, WriteError,
+    ChainRef, Change, Counts, Decide, DetachedTransaction, Loaded, Lookup, Outcome, Store,
+    WriteError,
 };
 use subgate_server::config::DatabaseSettings;
 use uuid::Uuid;
@@ -442,7 +443,60 @@ async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
     assert_eq!(other.counts().await.unwrap(), store.counts().await.unwrap());
 }
 
+/// An import that replaces rows (`copy-store --overwrite`) and gives a transaction to another
+/// profile, or detaches it: the profile it leaves no longer lists it.
+async fn an_import_moving_a_transaction_leaves_no_copy_behind(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    let first = saved(record(&*store, "first", "t1", "t1").await).await;
+    saved(record(&*store, "first", "t2", "t2").await).await;
+    let moved = first.transactions[0].clone();
+    let mut second = new_profile("second");
+    second.transactions = vec![Transaction {
+        profile_id: Some(second.profile.id),
+        ..moved.clone()
+    }];
+    let detached = DetachedTransaction {
+        app_id: APP,
+        transaction: Transaction {
+            profile_id: None,
+            ..store
+                .load_profile(APP, &ProfileKey::CustomerUserId("first".into()))
+                .await
+                .unwrap()
+                .unwrap()
+                .transactions[1]
+                .clone()
+        },
+    };
+    store
+        .import(vec![second.clone()], vec![detached.clone()])
+        .await
+        .unwrap();
+    let read = |cuid: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .load_profile(APP, &ProfileKey::CustomerUserId(cuid.into()))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(read("first").await.transactions, Vec::new());
+    assert_eq!(read("second").await.transactions, second.transactions);
+    assert_eq!(
+        store.detached_after(None, 10).await.unwrap(),
+        vec![detached]
+    );
+    // Its chain now finds it on the second profile only.
+    let relocated = saved(record(&*store, "second", "t1", "t1").await).await;
+    assert_eq!(relocated.transactions.len(), 1);
+    assert!(read("first").await.transactions.is_empty());
+}
+
 on_every_backend!(
+    an_import_moving_a_transaction_leaves_no_copy_behind,
     writes_read_back_and_rejections_change_nothing,
     lookups_report_owners_chains_and_detached_history,
     concurrent_writes_to_one_profile_are_never_lost,
