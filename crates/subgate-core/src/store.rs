@@ -50,6 +50,29 @@ pub struct Loaded {
     pub related: Vec<Transaction>,
 }
 
+impl Loaded {
+    /// The profiles that saving `transactions` takes a transaction from (a restored chain):
+    /// where each was attached when loaded, if that is another profile than its new one. Every
+    /// transaction a decision saves that already existed was loaded in `related`.
+    pub fn owners_left_by(&self, transactions: &[Transaction]) -> Vec<Uuid> {
+        let mut owners: Vec<Uuid> = transactions
+            .iter()
+            .filter_map(|t| {
+                self.related
+                    .iter()
+                    .find(|r| {
+                        r.store == t.store && r.store_transaction_id == t.store_transaction_id
+                    })
+                    .and_then(|r| r.profile_id)
+                    .filter(|&owner| Some(owner) != t.profile_id)
+            })
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        owners
+    }
+}
+
 /// What `decide` wants written.
 #[derive(Debug, Clone)]
 pub enum Change {

@@ -515,21 +515,7 @@ pub async fn write(
             // Their transaction rows are locked already (`lock_chain`); taking their profile
             // rows now can deadlock with a writer of that profile, and PostgreSQL then fails
             // one of the two, which runs again.
-            let mut moved_from: Vec<Uuid> = transactions
-                .iter()
-                .filter_map(|t| {
-                    loaded
-                        .related
-                        .iter()
-                        .find(|r| {
-                            r.store == t.store && r.store_transaction_id == t.store_transaction_id
-                        })
-                        .and_then(|r| r.profile_id)
-                        .filter(|&owner| Some(owner) != t.profile_id)
-                })
-                .collect();
-            moved_from.sort_unstable();
-            moved_from.dedup();
+            let moved_from = loaded.owners_left_by(&transactions);
             for owner in moved_from {
                 refresh_embedded(client, app_id, owner).await?;
             }

@@ -300,28 +300,30 @@ fn save_profile(conn: &Connection, state: &ProfileState) -> Result<(), StoreErro
     Ok(())
 }
 
-/// Upserts the transaction; answers the profile it was attached to before, if another.
-fn save_transaction(
+/// Where the row of `t`'s store transaction is attached now, if it exists.
+fn current_owner(
     conn: &Connection,
     app_id: Uuid,
     t: &Transaction,
-) -> Result<Option<String>, StoreError> {
-    let app = app_id.to_string();
-    let owner = t.profile_id.map(|id| id.to_string());
-    let previous_owner = conn
-        .prepare_cached(
-            "SELECT profile_id FROM transactions
-             WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?3",
+) -> Result<Option<Uuid>, StoreError> {
+    conn.prepare_cached(
+        "SELECT profile_id FROM transactions
+         WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?3",
+    )
+    .and_then(|mut s| {
+        s.query_row(
+            params![app_id.to_string(), t.store, t.store_transaction_id],
+            |r| r.get::<_, Option<String>>(0),
         )
-        .and_then(|mut s| {
-            s.query_row(params![app, t.store, t.store_transaction_id], |r| {
-                r.get::<_, Option<String>>(0)
-            })
-            .optional()
-        })
-        .map_err(storage)?
-        .flatten()
-        .filter(|previous| Some(previous) != owner.as_ref());
+        .optional()
+    })
+    .map_err(storage)?
+    .flatten()
+    .map(|id| Uuid::parse_str(&id).map_err(|e| corrupt("transaction profile id", e)))
+    .transpose()
+}
+
+fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<(), StoreError> {
     let data = to_json(t)?;
     conn.prepare_cached(
         "INSERT INTO transactions
@@ -337,8 +339,8 @@ fn save_transaction(
     .and_then(|mut s| {
         s.execute(params![
             t.id.to_string(),
-            app,
-            owner,
+            app_id.to_string(),
+            t.profile_id.map(|id| id.to_string()),
             t.store,
             t.store_transaction_id,
             t.store_original_transaction_id,
@@ -347,33 +349,7 @@ fn save_transaction(
         ])
     })
     .map_err(storage)?;
-    Ok(previous_owner)
-}
-
-/// Upserts transactions written with the profile `own_id` (whose row the caller writes), and
-/// brings every other profile they leave or join up to date in its row. Answers those other
-/// profiles, which a cache must forget.
-fn save_transactions(
-    conn: &Connection,
-    app_id: Uuid,
-    transactions: &[Transaction],
-    own_id: &str,
-) -> Result<Vec<Uuid>, StoreError> {
-    let mut others: Vec<String> = Vec::new();
-    for t in transactions {
-        others.extend(save_transaction(conn, app_id, t)?);
-        others.extend(t.profile_id.map(|id| id.to_string()));
-    }
-    others.sort_unstable();
-    others.dedup();
-    others.retain(|id| id.as_str() != own_id);
-    others
-        .iter()
-        .map(|other| {
-            refresh_embedded(conn, app_id, other)?;
-            Uuid::parse_str(other).map_err(|e| corrupt("transaction profile id", e))
-        })
-        .collect()
+    Ok(())
 }
 
 /// The profile's transactions as the transactions table holds them, in rowid order.
@@ -393,8 +369,9 @@ fn attached_transactions(
 
 /// Rewrites the transactions kept in a profile's row from the transactions table, for a
 /// profile whose transactions a write on another profile moved.
-fn refresh_embedded(conn: &Connection, app_id: Uuid, profile_id: &str) -> Result<(), StoreError> {
-    let transactions = to_json(&attached_transactions(conn, app_id, profile_id)?)?;
+fn refresh_embedded(conn: &Connection, app_id: Uuid, profile_id: Uuid) -> Result<(), StoreError> {
+    let profile_id = profile_id.to_string();
+    let transactions = to_json(&attached_transactions(conn, app_id, &profile_id)?)?;
     conn.prepare_cached("UPDATE profiles SET transactions = ?3 WHERE app_id = ?1 AND id = ?2")
         .and_then(|mut s| s.execute(params![app_id.to_string(), profile_id, transactions]))
         .map_err(storage)?;
@@ -459,9 +436,13 @@ pub fn write(
             touched.push(state.profile.id);
             touched.extend(transactions.iter().filter_map(|t| t.profile_id));
             save_profile(conn, &state)?;
-            let own_id = state.profile.id.to_string();
-            // The decision's lookup found every such profile already; this covers any it missed.
-            touched.extend(save_transactions(conn, app_id, &transactions, &own_id)?);
+            for t in &transactions {
+                save_transaction(conn, app_id, t)?;
+            }
+            // `touch` has them already, from the same lookup.
+            for owner in loaded.owners_left_by(&transactions) {
+                refresh_embedded(conn, app_id, owner)?;
+            }
             for e in &events {
                 insert_event(conn, app_id, e)?;
             }
@@ -477,7 +458,7 @@ pub fn write(
                     "a saved state differs from its read"
                 );
                 assert_eq!(
-                    attached_transactions(conn, app_id, &own_id)?,
+                    attached_transactions(conn, app_id, &state.profile.id.to_string())?,
                     state.transactions,
                     "a profile row's transactions differ from the transactions table"
                 );
@@ -606,14 +587,30 @@ pub fn import(
     profiles: &[ProfileState],
     detached: &[DetachedTransaction],
 ) -> Result<(), StoreError> {
+    // `copy-store --overwrite` may move a transaction off another profile, whose row then
+    // drops it.
+    let mut left = Vec::new();
+    let mut save = |app_id: Uuid, t: &Transaction| -> Result<(), StoreError> {
+        left.extend(
+            current_owner(conn, app_id, t)?
+                .filter(|&owner| Some(owner) != t.profile_id)
+                .map(|owner| (app_id, owner)),
+        );
+        save_transaction(conn, app_id, t)
+    };
     for state in profiles {
-        let p = &state.profile;
         insert_profile(conn, state, true)?;
-        // The cache is cleared after an import.
-        save_transactions(conn, p.app_id, &state.transactions, &p.id.to_string())?;
+        for t in &state.transactions {
+            save(state.profile.app_id, t)?;
+        }
     }
     for d in detached {
-        save_transactions(conn, d.app_id, std::slice::from_ref(&d.transaction), "")?;
+        save(d.app_id, &d.transaction)?;
+    }
+    left.sort_unstable();
+    left.dedup();
+    for (app_id, owner) in left {
+        refresh_embedded(conn, app_id, owner)?;
     }
     Ok(())
 }
