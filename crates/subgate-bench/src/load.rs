@@ -33,6 +33,14 @@ impl Scenario {
         })
     }
 
+    /// Whether the scenario adds rows to the profiles it touches.
+    pub fn writes(self) -> bool {
+        matches!(
+            self,
+            Scenario::SetTransaction | Scenario::Grant | Scenario::Mixed
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Baseline => "baseline",
@@ -80,7 +88,7 @@ fn request(
     nonce: u32,
 ) -> Request<Full<Bytes>> {
     let write = match scenario {
-        Scenario::Mixed => rand::random::<u8>() % 10 == 0,
+        Scenario::Mixed => rand::random::<u8>().is_multiple_of(10),
         Scenario::SetTransaction | Scenario::Grant => true,
         Scenario::Baseline | Scenario::GetProfile => false,
     };

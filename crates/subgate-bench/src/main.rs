@@ -78,8 +78,18 @@ struct Args {
     /// The JSON report.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
+    /// Measured seconds of the `/health` run before each scenario, which that scenario's
+    /// `x base` ratio divides by.
+    #[arg(long, default_value_t = 3)]
+    baseline_duration: u64,
+    /// Sizes up to this are seeded again before a scenario that follows a writing one, so every
+    /// scenario meets profiles as seeded (at 10k, one write scenario adds about ten rows to
+    /// each profile; at 1M, one row to one profile in ten).
+    #[arg(long, default_value_t = 100_000)]
+    reseed_up_to: u64,
     /// Keep a database already seeded with exactly this many profiles by an earlier run,
-    /// instead of seeding again (for profiling; earlier scenarios' writes stay in it).
+    /// instead of seeding again (for profiling; earlier scenarios' writes stay in it, and
+    /// nothing is seeded again between scenarios).
     #[arg(long)]
     reuse: bool,
 }
@@ -191,11 +201,16 @@ async fn checkpoint(url: &str) {
     }
 }
 
-async fn fresh_database(args: &Args, backend: &str, size: u64) -> anyhow::Result<String> {
+async fn fresh_database(
+    args: &Args,
+    backend: &str,
+    size: u64,
+    reuse: bool,
+) -> anyhow::Result<String> {
     match backend {
         "sqlite" => {
             let path = args.dir.join(format!("bench-{size}.db"));
-            if args.reuse {
+            if reuse {
                 return Ok(format!("sqlite://{}", path.display()));
             }
             for suffix in ["", "-wal", "-shm"] {
@@ -210,7 +225,7 @@ async fn fresh_database(args: &Args, backend: &str, size: u64) -> anyhow::Result
                     .await
                     .with_context(|| format!("connecting to {}", args.postgres_url))?;
             tokio::spawn(connection);
-            let recreate = if args.reuse {
+            let recreate = if reuse {
                 format!("CREATE SCHEMA IF NOT EXISTS {schema}")
             } else {
                 format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")
@@ -236,10 +251,11 @@ async fn measure(
     target: &Arc<Target>,
     scenario: Scenario,
     args: &Args,
+    seconds: u64,
     rate: Option<f64>,
 ) -> anyhow::Result<(Outcome, Option<f64>)> {
     let warmup = Duration::from_secs(1);
-    let duration = Duration::from_secs(args.duration);
+    let duration = Duration::from_secs(seconds);
     let load = load::run(target, scenario, args.concurrency, warmup, duration, rate);
     let sample = async {
         tokio::time::sleep(warmup).await;
@@ -266,6 +282,7 @@ fn row(
         "profiles": size,
         "scenario": name,
         "requests_per_second": outcome.rate().round(),
+        "baseline_requests_per_second": baseline.map(f64::round),
         "ratio_to_baseline": baseline.map(|b| (outcome.rate() / b * 1000.0).round() / 1000.0),
         "p50_ms": outcome.percentile_ms(0.5),
         "p99_ms": outcome.percentile_ms(0.99),
@@ -277,14 +294,15 @@ fn row(
 
 fn print_row(r: &Value) {
     println!(
-        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6}",
         r["backend"].as_str().unwrap_or(""),
         r["profiles"],
         r["scenario"].as_str().unwrap_or(""),
         r["requests_per_second"],
+        r["baseline_requests_per_second"],
         r["ratio_to_baseline"]
             .as_f64()
-            .map_or("-".to_string(), |v| format!("{v:.2}")),
+            .map_or("-".to_string(), |v| format!("{v:.3}")),
         r["p50_ms"].as_f64().unwrap_or(0.0),
         r["p99_ms"].as_f64().unwrap_or(0.0),
         r["p999_ms"].as_f64().unwrap_or(0.0),
@@ -293,6 +311,104 @@ fn print_row(r: &Value) {
             .map_or("-".to_string(), |v| format!("{v:.1}")),
         r["errors"],
     );
+}
+
+/// A database for `backend` at `size`, seeded unless `reuse` finds it seeded, and the server
+/// started on it; with the seconds seeding took.
+async fn prepare(
+    args: &Args,
+    backend: &str,
+    size: u64,
+    config_path: &Path,
+    reuse: bool,
+) -> anyhow::Result<(Server, Option<f64>)> {
+    let url = fresh_database(args, backend, size, reuse).await?;
+    let settings = Settings::load(
+        Some(config_path),
+        &Overrides {
+            listen: None,
+            database_url: Some(url.clone()),
+        },
+    )?;
+    let app = settings.apps[0].definition();
+    let seconds = {
+        let store = subgate_server::open_store(&DatabaseSettings {
+            url: url.clone(),
+            max_connections: 8,
+            ..DatabaseSettings::default()
+        })
+        .await?;
+        store.put_apps(std::slice::from_ref(&app)).await?;
+        let seeded = store.counts().await?.profiles;
+        if reuse && seeded == size {
+            eprintln!("{backend}: reusing the {size} profiles seeded before");
+            None
+        } else {
+            if reuse && seeded != 0 {
+                bail!("{backend}: the database holds {seeded} profiles, not {size}: run without --reuse");
+            }
+            eprintln!("{backend}: seeding {size} profiles");
+            let seconds = seed::seed(&*store, app.id, size).await?;
+            store.after_bulk_load().await?;
+            drop(store);
+            if backend == "postgres" {
+                checkpoint(&args.postgres_url).await;
+            }
+            eprintln!(
+                "{backend}: seeded {size} profiles in {seconds:.1} s ({:.0}/s)",
+                size as f64 / seconds
+            );
+            Some(seconds)
+        }
+    };
+    // Let the seeding store's connections close before the server opens its own.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server = start_server(&args.dir, config_path, &url).await?;
+    Ok((server, seconds))
+}
+
+/// Each scenario at the largest size against the same at the smallest: the scale target.
+fn scale(rows: &[Value], sizes: &[u64]) -> Vec<Value> {
+    let (Some(&small), Some(&large)) = (sizes.iter().min(), sizes.iter().max()) else {
+        return Vec::new();
+    };
+    if small == large {
+        return Vec::new();
+    }
+    let find = |backend: &str, size: u64, scenario: &str| {
+        rows.iter()
+            .find(|r| r["backend"] == backend && r["profiles"] == size && r["scenario"] == scenario)
+    };
+    let change = |a: Option<f64>, b: Option<f64>| {
+        a.zip(b)
+            .filter(|(a, _)| *a > 0.0)
+            .map(|(a, b)| ((b / a - 1.0) * 1000.0).round() / 10.0)
+    };
+    let mut out = Vec::new();
+    for r in rows.iter().filter(|r| r["profiles"] == small) {
+        let (backend, scenario) = (
+            r["backend"].as_str().unwrap_or(""),
+            r["scenario"].as_str().unwrap_or(""),
+        );
+        let Some(l) = find(backend, large, scenario) else {
+            continue;
+        };
+        out.push(json!({
+            "backend": backend,
+            "scenario": scenario,
+            "from_profiles": small,
+            "to_profiles": large,
+            "requests_per_second_change_percent": change(
+                r["requests_per_second"].as_f64(),
+                l["requests_per_second"].as_f64(),
+            ),
+            "ratio_to_baseline_change_percent": change(
+                r["ratio_to_baseline"].as_f64(),
+                l["ratio_to_baseline"].as_f64(),
+            ),
+        }));
+    }
+    out
 }
 
 #[tokio::main]
@@ -309,15 +425,17 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut servers = Vec::new();
     println!(
-        "concurrency {}, {} s per scenario; latencies in ms",
-        args.concurrency, args.duration
+        "concurrency {}, {} s per scenario, each after {} s of /health (`base/s`, which `x base` \
+         divides by); latencies in ms",
+        args.concurrency, args.duration, args.baseline_duration
     );
     println!(
-        "{:<9} {:>8} {:<22} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>6}",
         "backend",
         "profiles",
         "scenario",
         "req/s",
+        "base/s",
         "x base",
         "p50",
         "p99",
@@ -327,72 +445,48 @@ async fn main() -> anyhow::Result<()> {
     );
     for backend in &args.backends {
         for &size in &args.sizes {
-            let url = fresh_database(&args, backend, size).await?;
-            let settings = Settings::load(
-                Some(&config_path),
-                &Overrides {
-                    listen: None,
-                    database_url: Some(url.clone()),
-                },
-            )?;
-            let app = settings.apps[0].definition();
-            let seconds = {
-                let store = subgate_server::open_store(&DatabaseSettings {
-                    url: url.clone(),
-                    max_connections: 8,
-                    ..DatabaseSettings::default()
-                })
-                .await?;
-                store.put_apps(std::slice::from_ref(&app)).await?;
-                let seeded = store.counts().await?.profiles;
-                if args.reuse && seeded == size {
-                    eprintln!("{backend}: reusing the {size} profiles seeded before");
+            let (mut server, seconds) =
+                prepare(&args, backend, size, &config_path, args.reuse).await?;
+            let mut peak_rss_kib = 0;
+            let reseed = !args.reuse && size <= args.reseed_up_to;
+            let mut written = false;
+            for &scenario in &scenarios {
+                if written && reseed {
+                    peak_rss_kib = peak_rss_kib.max(server.peak_rss_kib().unwrap_or(0));
+                    drop(server);
+                    server = prepare(&args, backend, size, &config_path, false).await?.0;
+                    written = false;
+                }
+                let target = Arc::new(Target {
+                    addr: server.addr,
+                    secret_key: SECRET_KEY.to_string(),
+                    profiles: size,
+                });
+                let run = |scenario, seconds, rate| {
+                    measure(&server, &target, scenario, &args, seconds, rate)
+                };
+                let baseline = if scenario == Scenario::Baseline {
                     None
                 } else {
-                    if args.reuse && seeded != 0 {
-                        bail!("{backend}: the database holds {seeded} profiles, not {size}: run without --reuse");
-                    }
-                    eprintln!("{backend}: seeding {size} profiles");
-                    let seconds = seed::seed(&*store, app.id, size).await?;
-                    store.after_bulk_load().await?;
-                    drop(store);
-                    if backend == "postgres" {
-                        checkpoint(&args.postgres_url).await;
-                    }
-                    eprintln!(
-                        "{backend}: seeded {size} profiles in {seconds:.1} s ({:.0}/s)",
-                        size as f64 / seconds
-                    );
-                    Some(seconds)
-                }
-            };
-            // Let the seeding store's connections close before the server opens its own.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let server = start_server(&args.dir, &config_path, &url).await?;
-            let target = Arc::new(Target {
-                addr: server.addr,
-                secret_key: SECRET_KEY.to_string(),
-                profiles: size,
-            });
-            let mut baseline = None;
-            for &scenario in &scenarios {
-                let measured = measure(&server, &target, scenario, &args, None).await?;
-                if scenario == Scenario::Baseline {
-                    baseline = Some(measured.0.rate());
-                }
+                    let adjacent = run(Scenario::Baseline, args.baseline_duration, None).await?;
+                    Some(adjacent.0.rate())
+                };
+                let measured = run(scenario, args.duration, None).await?;
+                let baseline = baseline.or(Some(measured.0.rate()));
                 let r = row(backend, size, scenario.name(), &measured, baseline);
                 print_row(&r);
                 rows.push(r);
                 if scenario == Scenario::GetProfile {
                     // Latency at half the peak rate: what a user sees when the server has room.
                     let half = measured.0.rate() / 2.0;
-                    let paced = measure(&server, &target, scenario, &args, Some(half)).await?;
+                    let paced = run(scenario, args.duration, Some(half)).await?;
                     let r = row(backend, size, "get_profile@50%", &paced, baseline);
                     print_row(&r);
                     rows.push(r);
                 }
+                written |= scenario.writes();
             }
-            let rss = server.peak_rss_kib();
+            let rss = Some(peak_rss_kib.max(server.peak_rss_kib().unwrap_or(0))).filter(|&k| k > 0);
             println!(
                 "{backend:<9} {size:>8} server peak RSS {} MiB; seeding {} profiles/s",
                 rss.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
@@ -406,12 +500,32 @@ async fn main() -> anyhow::Result<()> {
             }));
         }
     }
+    let scale = scale(&rows, &args.sizes);
+    if !scale.is_empty() {
+        println!("at the largest size against the smallest, change in %:");
+        println!(
+            "{:<9} {:<16} {:>8} {:>8}",
+            "backend", "scenario", "req/s", "x base"
+        );
+        for s in &scale {
+            let percent = |v: &Value| v.as_f64().map_or("-".to_string(), |p| format!("{p:+.1}"));
+            println!(
+                "{:<9} {:<16} {:>8} {:>8}",
+                s["backend"].as_str().unwrap_or(""),
+                s["scenario"].as_str().unwrap_or(""),
+                percent(&s["requests_per_second_change_percent"]),
+                percent(&s["ratio_to_baseline_change_percent"]),
+            );
+        }
+    }
     let report = json!({
         "date": chrono::Utc::now().to_rfc3339(),
         "concurrency": args.concurrency,
         "duration_seconds": args.duration,
+        "baseline_duration_seconds": args.baseline_duration,
         "results": rows,
         "servers": servers,
+        "scale": scale,
     });
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
