@@ -294,12 +294,12 @@ fn row(
 
 fn print_row(r: &Value) {
     println!(
-        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9.0} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6}",
         r["backend"].as_str().unwrap_or(""),
-        r["profiles"],
+        r["profiles"].as_u64().unwrap_or(0),
         r["scenario"].as_str().unwrap_or(""),
-        r["requests_per_second"],
-        r["baseline_requests_per_second"],
+        r["requests_per_second"].as_f64().unwrap_or(0.0),
+        r["baseline_requests_per_second"].as_f64().unwrap_or(0.0),
         r["ratio_to_baseline"]
             .as_f64()
             .map_or("-".to_string(), |v| format!("{v:.3}")),
