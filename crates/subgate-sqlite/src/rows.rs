@@ -108,11 +108,11 @@ fn find_profile_row(
 /// The rowid a profile with a customer user id gets when it is created, unless another row
 /// holds it: reads by customer user id, nearly all reads, then find the row with one lookup in
 /// the table instead of one in an index and one in the table (at a million profiles, the
-/// index's descent was a tenth of a read's CPU). A profile elsewhere (its id was changed, its
-/// slot was taken, or it predates migration 0004) is still found, through the index, so
-/// correctness never depends on this function; it is on disk, so changing it only slows reads
-/// until rows are rekeyed. FNV-1a (64-bit) of the app id's bytes and the customer user id, to
-/// 63 bits, as rowids are signed.
+/// index's descent was a tenth of a read's CPU). A profile elsewhere (its customer user id was
+/// set after it was created, its slot was taken, or it predates migration 0004) is still
+/// found, through the index, so correctness never depends on this function; it is on disk, so
+/// changing it only slows reads until rows are rekeyed. FNV-1a (64-bit) of the app id's bytes
+/// and the customer user id, to 63 bits, as rowids are signed.
 pub(crate) fn profile_slot(app_id: Uuid, customer_user_id: &str) -> i64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
