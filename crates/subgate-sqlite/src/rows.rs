@@ -272,13 +272,13 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
-/// Runs `sql` with the profile's columns as parameters ?1 to ?8, in `INSERT_PROFILE`'s order
-/// (a statement may leave some unused), and with `rowid` as ?9 for an insert.
+/// Runs `sql` with the profile's columns as parameters ?1 to ?8, in `INSERT_PROFILE`'s order,
+/// and `rowid` as ?9; a statement binds as many of them as it numbers (an update leaves ?9).
 fn execute_profile(
     conn: &Connection,
     sql: &str,
     state: &ProfileState,
-    rowid: Option<Option<i64>>,
+    rowid: Option<i64>,
 ) -> Result<usize, StoreError> {
     let p = &state.profile;
     let (doc, transactions) = (to_json(&p.doc)?, to_json(&state.transactions)?);
@@ -286,7 +286,7 @@ fn execute_profile(
     let (created_at, updated_at) = (to_micros(&p.created_at), to_micros(&p.updated_at));
     conn.prepare_cached(sql)
         .and_then(|mut s| {
-            let columns = params![
+            let all = params![
                 app_id,
                 id,
                 p.customer_user_id,
@@ -294,16 +294,11 @@ fn execute_profile(
                 created_at,
                 updated_at,
                 doc,
-                transactions
+                transactions,
+                rowid
             ];
-            match rowid {
-                None => s.execute(columns),
-                Some(rowid) => {
-                    let mut all = columns.to_vec();
-                    all.push(&rowid);
-                    s.execute(all.as_slice())
-                }
-            }
+            let numbered = s.parameter_count().min(all.len());
+            s.execute(&all[..numbered])
         })
         .map_err(storage)
 }
@@ -337,7 +332,7 @@ fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Resu
         INSERT_PROFILE
     };
     let rowid = new_profile_rowid(conn, state)?;
-    execute_profile(conn, sql, state, Some(rowid))?;
+    execute_profile(conn, sql, state, rowid)?;
     Ok(())
 }
 
