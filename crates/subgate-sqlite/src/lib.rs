@@ -1131,6 +1131,27 @@ mod tests {
         }
     }
 
+    /// A write's chain lookup must stay index lookups on a table of millions, whatever the
+    /// partial index's condition and the query's terms drift to.
+    #[test]
+    fn the_chain_lookup_searches_indexes_and_never_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        drop(SqliteStore::open(&path, &SqliteOptions::default()).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", rows::CHAIN_LOOKUP))
+            .unwrap()
+            .query_map(["a", "app_store", "o", "t"], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let uses = |index: &str| plan.iter().any(|step| step.contains(index));
+        assert!(uses("INDEX transactions_chain"), "{plan:#?}");
+        assert!(uses("INDEX transactions_store_id"), "{plan:#?}");
+        assert!(!plan.iter().any(|step| step.starts_with("SCAN")), "{plan:#?}");
+    }
+
     #[test]
     fn a_profile_slot_stays_what_migrated_databases_hold() {
         let app = Uuid::parse_str("6a0c2f5e-1b7d-4c3e-9f21-0d5b8e7a4c11").unwrap();

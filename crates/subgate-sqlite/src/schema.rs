@@ -32,6 +32,11 @@ const MIGRATIONS: &[(&str, &str, Option<RustStep>)] = &[
         include_str!("../migrations/0004_profile_slots.sql"),
         Some(copy_profiles_to_slots),
     ),
+    (
+        "0005_write_indexes",
+        include_str!("../migrations/0005_write_indexes.sql"),
+        None,
+    ),
 ];
 
 /// Copies every profile into `profiles_v4`, at its slot where it has one and no other profile
