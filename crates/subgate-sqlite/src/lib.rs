@@ -1149,7 +1149,10 @@ mod tests {
         let uses = |index: &str| plan.iter().any(|step| step.contains(index));
         assert!(uses("INDEX transactions_chain"), "{plan:#?}");
         assert!(uses("INDEX transactions_store_id"), "{plan:#?}");
-        assert!(!plan.iter().any(|step| step.starts_with("SCAN")), "{plan:#?}");
+        assert!(
+            !plan.iter().any(|step| step.starts_with("SCAN")),
+            "{plan:#?}"
+        );
     }
 
     #[test]

@@ -248,11 +248,7 @@ fn load(
     };
     let related = match &lookup.chain {
         Some(chain) => {
-            let mut stmt = conn
-                .prepare_cached(
-                    CHAIN_LOOKUP,
-                )
-                .map_err(storage)?;
+            let mut stmt = conn.prepare_cached(CHAIN_LOOKUP).map_err(storage)?;
             collect_transactions(
                 &mut stmt,
                 params![
@@ -356,13 +352,16 @@ fn save_profile(
     if p.version == 1 {
         return insert_profile(conn, state, false);
     }
-    let same_customer_user_id = before.is_some_and(|b| {
-        b.profile.id == p.id && b.profile.customer_user_id == p.customer_user_id
-    });
+    let same_customer_user_id = before
+        .is_some_and(|b| b.profile.id == p.id && b.profile.customer_user_id == p.customer_user_id);
     // Most rows sit at their customer user id's slot: updating there skips a descent into the
     // `profiles_id` index (a random page read at a million profiles). A row elsewhere changes
     // nothing here, and is updated through the index below.
-    if let Some(cuid) = p.customer_user_id.as_deref().filter(|_| same_customer_user_id) {
+    if let Some(cuid) = p
+        .customer_user_id
+        .as_deref()
+        .filter(|_| same_customer_user_id)
+    {
         let at_slot = execute_profile(
             conn,
             "UPDATE profiles SET version = ?4, updated_at = ?6, doc = ?7, transactions = ?8
@@ -461,7 +460,10 @@ fn attached_transactions(
              WHERE app_id = ?1 AND profile_id = ?2 ORDER BY rowid",
         )
         .map_err(storage)?;
-    collect_transactions(&mut stmt, params![app_id.to_string(), profile_id.to_string()])
+    collect_transactions(
+        &mut stmt,
+        params![app_id.to_string(), profile_id.to_string()],
+    )
 }
 
 /// Takes `moved`, which a write on another profile took, out of the transactions kept in
