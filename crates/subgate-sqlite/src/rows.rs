@@ -277,36 +277,59 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
-/// Runs `sql` with the profile's columns as parameters ?1 to ?8, in `INSERT_PROFILE`'s order,
-/// and `rowid` as ?9; a statement binds as many of them as it numbers (an update by id
-/// leaves ?9).
-fn execute_profile(
-    conn: &Connection,
-    sql: &str,
-    state: &ProfileState,
-    rowid: Option<i64>,
-) -> Result<usize, StoreError> {
-    let p = &state.profile;
-    let (doc, transactions) = (to_json(&p.doc)?, to_json(&state.transactions)?);
-    let (app_id, id) = (p.app_id.to_string(), p.id.to_string());
-    let (created_at, updated_at) = (to_micros(&p.created_at), to_micros(&p.updated_at));
-    conn.prepare_cached(sql)
-        .and_then(|mut s| {
-            let all = params![
-                app_id,
-                id,
-                p.customer_user_id,
-                p.version,
-                created_at,
-                updated_at,
-                doc,
-                transactions,
-                rowid
-            ];
-            let numbered = s.parameter_count().min(all.len());
-            s.execute(&all[..numbered])
+/// A profile's columns, encoded once however many statements try them.
+struct ProfileColumns<'a> {
+    state: &'a ProfileState,
+    app_id: String,
+    id: String,
+    created_at: i64,
+    updated_at: i64,
+    doc: String,
+    transactions: String,
+}
+
+impl<'a> ProfileColumns<'a> {
+    fn new(state: &'a ProfileState) -> Result<Self, StoreError> {
+        let p = &state.profile;
+        Ok(Self {
+            state,
+            app_id: p.app_id.to_string(),
+            id: p.id.to_string(),
+            created_at: to_micros(&p.created_at),
+            updated_at: to_micros(&p.updated_at),
+            doc: to_json(&p.doc)?,
+            transactions: to_json(&state.transactions)?,
         })
-        .map_err(storage)
+    }
+
+    /// Runs `sql` with the columns as parameters ?1 to ?8, in `INSERT_PROFILE`'s order, and
+    /// `rowid` as ?9; a statement binds as many of them as it numbers (an update by id leaves
+    /// ?9).
+    fn execute(
+        &self,
+        conn: &Connection,
+        sql: &str,
+        rowid: Option<i64>,
+    ) -> Result<usize, StoreError> {
+        let p = &self.state.profile;
+        conn.prepare_cached(sql)
+            .and_then(|mut s| {
+                let all = params![
+                    self.app_id,
+                    self.id,
+                    p.customer_user_id,
+                    p.version,
+                    self.created_at,
+                    self.updated_at,
+                    self.doc,
+                    self.transactions,
+                    rowid
+                ];
+                let numbered = s.parameter_count().min(all.len());
+                s.execute(&all[..numbered])
+            })
+            .map_err(storage)
+    }
 }
 
 /// The rowid a new profile row takes: its `profile_slot` if free, else SQLite's choice.
@@ -338,7 +361,7 @@ fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Resu
         INSERT_PROFILE
     };
     let rowid = new_profile_rowid(conn, state)?;
-    execute_profile(conn, sql, state, rowid)?;
+    ProfileColumns::new(state)?.execute(conn, sql, rowid)?;
     Ok(())
 }
 
@@ -354,6 +377,7 @@ fn save_profile(
     }
     let same_customer_user_id = before
         .is_some_and(|b| b.profile.id == p.id && b.profile.customer_user_id == p.customer_user_id);
+    let columns = ProfileColumns::new(state)?;
     // Most rows sit at their customer user id's slot: updating there skips a descent into the
     // `profiles_id` index (a random page read at a million profiles). A row elsewhere changes
     // nothing here, and is updated through the index below.
@@ -362,11 +386,10 @@ fn save_profile(
         .as_deref()
         .filter(|_| same_customer_user_id)
     {
-        let at_slot = execute_profile(
+        let at_slot = columns.execute(
             conn,
             "UPDATE profiles SET version = ?4, updated_at = ?6, doc = ?7, transactions = ?8
              WHERE rowid = ?9 AND +app_id = ?1 AND +id = ?2 AND version = ?4 - 1",
-            state,
             Some(profile_slot(p.app_id, cuid)),
         )?;
         if at_slot == 1 {
@@ -384,7 +407,7 @@ fn save_profile(
              transactions = ?8
          WHERE app_id = ?1 AND id = ?2 AND version = ?4 - 1"
     };
-    let changed = execute_profile(conn, sql, state, None)?;
+    let changed = columns.execute(conn, sql, None)?;
     if changed != 1 {
         return Err(StoreError::Internal(format!(
             "profile {} changed under a write (version {})",
