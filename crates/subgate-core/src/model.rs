@@ -49,7 +49,9 @@ pub struct AppDefinition {
 #[derive(Debug, Clone)]
 pub struct App {
     pub definition: AppDefinition,
-    products_by_store_id: HashMap<(String, String), usize>,
+    /// Store, then store product id, to the product's index: nested so that a lookup by two
+    /// `&str` allocates nothing (a read looks up every transaction's product).
+    products_by_store_id: HashMap<String, HashMap<String, usize>>,
     /// Whether the app has a webhook: events of an app without one are stored as already
     /// settled (`no_endpoint`) rather than queued for a worker to settle one by one.
     pub has_webhook: bool,
@@ -66,10 +68,13 @@ impl App {
                 .access_levels
                 .insert(0, DEFAULT_ACCESS_LEVEL.to_string());
         }
-        let mut products_by_store_id = HashMap::new();
+        let mut products_by_store_id: HashMap<String, HashMap<String, usize>> = HashMap::new();
         for (index, product) in definition.products.iter().enumerate() {
             for (store, store_product_id) in &product.store_product_ids {
-                products_by_store_id.insert((store.clone(), store_product_id.clone()), index);
+                products_by_store_id
+                    .entry(store.clone())
+                    .or_default()
+                    .insert(store_product_id.clone(), index);
             }
         }
         Self {

@@ -32,16 +32,18 @@ fn write_micros<'a>(dt: &DateTime<Utc>, offset: &str, buf: &'a mut DateBuf) -> &
             value /= 10;
         }
     }
-    let year = u32::try_from(dt.year()).unwrap_or(0);
+    // Each accessor of a `DateTime` converts it to local time first: once is enough.
+    let naive = dt.naive_utc();
+    let year = u32::try_from(naive.year()).unwrap_or(0);
     *buf = *b"0000-00-00T00:00:00.000000+00:00";
     digits(&mut buf[0..4], year);
-    digits(&mut buf[5..7], dt.month());
-    digits(&mut buf[8..10], dt.day());
-    digits(&mut buf[11..13], dt.hour());
-    digits(&mut buf[14..16], dt.minute());
-    digits(&mut buf[17..19], dt.second());
+    digits(&mut buf[5..7], naive.month());
+    digits(&mut buf[8..10], naive.day());
+    digits(&mut buf[11..13], naive.hour());
+    digits(&mut buf[14..16], naive.minute());
+    digits(&mut buf[17..19], naive.second());
     // A leap second carries its extra second in the fraction.
-    digits(&mut buf[20..26], dt.timestamp_subsec_micros().min(999_999));
+    digits(&mut buf[20..26], (naive.nanosecond() / 1_000).min(999_999));
     let end = 26 + offset.len().min(6);
     buf[26..end].copy_from_slice(&offset.as_bytes()[..end - 26]);
     // Only ASCII digits and the punctuation above were written.
