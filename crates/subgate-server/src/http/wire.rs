@@ -143,7 +143,10 @@ pub struct GrantIdentity<'a> {
 }
 
 pub fn grant_identity(g: &Grant) -> GrantIdentity<'_> {
-    let own_id = g.id.simple().to_string();
+    let own_id =
+        g.id.simple()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .to_owned();
     match &g.purchase {
         None => GrantIdentity {
             store: GRANT_STORE,
@@ -399,7 +402,7 @@ pub fn profile(app: &App, state: &ProfileState, now: DateTime<Utc>) -> Response 
 /// Serializes `body` into one buffer sized for a typical profile.
 fn json_response(body: &impl Serialize) -> Response {
     let mut bytes = Vec::with_capacity(4096);
-    match serde_json::to_writer(&mut bytes, body) {
+    match sonic_rs::to_writer(&mut bytes, body) {
         Ok(()) => (
             [(
                 header::CONTENT_TYPE,
