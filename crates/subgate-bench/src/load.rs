@@ -71,6 +71,15 @@ impl Outcome {
         self.requests as f64 / self.seconds
     }
 
+    /// The two measurements as one: their requests, seconds and latencies added up.
+    pub fn merge(mut self, other: Outcome) -> anyhow::Result<Outcome> {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.seconds += other.seconds;
+        self.latency_us.add(&other.latency_us)?;
+        Ok(self)
+    }
+
     pub fn percentile_ms(&self, q: f64) -> f64 {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
     }

@@ -63,6 +63,10 @@ struct Args {
     /// Measured seconds per scenario (after a one-second warm-up).
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Slices each scenario's measured seconds are cut into, each after a slice of the
+    /// `/health` run; `x base` is the median of the slices' ratios.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
     #[arg(
         long,
         value_delimiter = ',',
@@ -78,8 +82,8 @@ struct Args {
     /// The JSON report.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
-    /// Measured seconds of the `/health` run before each scenario, which that scenario's
-    /// `x base` ratio divides by.
+    /// Measured seconds of the `/health` run beside each scenario (in as many slices as the
+    /// scenario), which that scenario's `x base` ratio divides by.
     #[arg(long, default_value_t = 3)]
     baseline_duration: u64,
     /// Sizes up to this are seeded again before a scenario that follows a writing one, so every
@@ -245,17 +249,36 @@ async fn fresh_database(
     }
 }
 
+/// One run of a scenario, and the server's CPU seconds over its measured part.
+struct Measured {
+    outcome: Outcome,
+    cpu_seconds: Option<f64>,
+}
+
+impl Measured {
+    fn cpu_us_per_request(&self) -> Option<f64> {
+        self.cpu_seconds
+            .filter(|_| self.outcome.requests > 0)
+            .map(|s| s / self.outcome.requests as f64 * 1e6)
+    }
+
+    fn merge(self, other: Measured) -> anyhow::Result<Measured> {
+        Ok(Measured {
+            outcome: self.outcome.merge(other.outcome)?,
+            cpu_seconds: self.cpu_seconds.zip(other.cpu_seconds).map(|(a, b)| a + b),
+        })
+    }
+}
+
 /// Runs one scenario and measures the server's CPU time over its measured part.
 async fn measure(
     server: &Server,
     target: &Arc<Target>,
     scenario: Scenario,
     args: &Args,
-    seconds: u64,
+    (warmup, duration): (Duration, Duration),
     rate: Option<f64>,
-) -> anyhow::Result<(Outcome, Option<f64>)> {
-    let warmup = Duration::from_secs(1);
-    let duration = Duration::from_secs(seconds);
+) -> anyhow::Result<Measured> {
     let load = load::run(target, scenario, args.concurrency, warmup, duration, rate);
     let sample = async {
         tokio::time::sleep(warmup).await;
@@ -263,27 +286,99 @@ async fn measure(
     };
     let (outcome, before) = tokio::join!(load, sample);
     let outcome = outcome?;
-    let used = before.zip(server.cpu_seconds()).map(|(b, a)| a - b);
-    let per_request = used
-        .filter(|_| outcome.requests > 0)
-        .map(|s| s / outcome.requests as f64 * 1e6);
-    Ok((outcome, per_request))
+    let cpu_seconds = before.zip(server.cpu_seconds()).map(|(b, a)| a - b);
+    Ok(Measured {
+        outcome,
+        cpu_seconds,
+    })
 }
 
+/// Warm-up of a slice after the first: the connections are new, the server is warm.
+const SLICE_WARMUP: Duration = Duration::from_millis(250);
+
+/// A scenario beside `/health`: this machine's speed changes by a factor of two from one
+/// minute to the next, and one `/health` run before a scenario was often measured at the other
+/// speed. So the scenario runs in `--rounds` slices, each right after a slice of `/health`,
+/// and its ratio is the median of the slices' ratios, which a slice the speed changed in does
+/// not move. Returns the scenario's slices as one measurement, the `/health` rate over its
+/// slices, and that median ratio.
+async fn measure_beside_baseline(
+    server: &Server,
+    target: &Arc<Target>,
+    scenario: Scenario,
+    args: &Args,
+) -> anyhow::Result<(Measured, f64, f64)> {
+    let rounds = args.rounds.max(1);
+    let slice = |seconds: u64| Duration::from_secs_f64(seconds as f64 / f64::from(rounds));
+    let mut merged: Option<Measured> = None;
+    let (mut base_requests, mut base_seconds) = (0, 0.0);
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let base = measure(
+            server,
+            target,
+            Scenario::Baseline,
+            args,
+            (SLICE_WARMUP, slice(args.baseline_duration)),
+            None,
+        )
+        .await?;
+        let warmup = if round == 0 {
+            Duration::from_secs(1)
+        } else {
+            SLICE_WARMUP
+        };
+        let part = measure(
+            server,
+            target,
+            scenario,
+            args,
+            (warmup, slice(args.duration)),
+            None,
+        )
+        .await?;
+        ratios.push(part.outcome.rate() / base.outcome.rate().max(f64::MIN_POSITIVE));
+        base_requests += base.outcome.requests;
+        base_seconds += base.outcome.seconds;
+        merged = Some(match merged {
+            None => part,
+            Some(so_far) => so_far.merge(part)?,
+        });
+    }
+    let measured = merged.context("no rounds were run")?;
+    Ok((
+        measured,
+        base_requests as f64 / base_seconds,
+        median(&mut ratios),
+    ))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// A table row; `baseline` is the `/health` rate beside the scenario and the ratio to it.
 fn row(
     backend: &str,
     size: u64,
     name: &str,
-    (outcome, cpu_us): &(Outcome, Option<f64>),
-    baseline: Option<f64>,
+    measured: &Measured,
+    (baseline, ratio): (f64, f64),
 ) -> Value {
+    let outcome = &measured.outcome;
+    let cpu_us = measured.cpu_us_per_request();
     json!({
         "backend": backend,
         "profiles": size,
         "scenario": name,
         "requests_per_second": outcome.rate().round(),
-        "baseline_requests_per_second": baseline.map(f64::round),
-        "ratio_to_baseline": baseline.map(|b| (outcome.rate() / b * 1000.0).round() / 1000.0),
+        "baseline_requests_per_second": baseline.round(),
+        "ratio_to_baseline": (ratio * 1000.0).round() / 1000.0,
         "p50_ms": outcome.percentile_ms(0.5),
         "p99_ms": outcome.percentile_ms(0.99),
         "p999_ms": outcome.percentile_ms(0.999),
@@ -425,9 +520,9 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut servers = Vec::new();
     println!(
-        "concurrency {}, {} s per scenario, each after {} s of /health (`base/s`, which `x base` \
-         divides by); latencies in ms",
-        args.concurrency, args.duration, args.baseline_duration
+        "concurrency {}, {} s per scenario in {} slices, each after a slice of /health ({} s in \
+         all, `base/s`); `x base` is the median of the slices' ratios; latencies in ms",
+        args.concurrency, args.duration, args.rounds, args.baseline_duration
     );
     println!(
         "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>6}",
@@ -462,25 +557,34 @@ async fn main() -> anyhow::Result<()> {
                     secret_key: SECRET_KEY.to_string(),
                     profiles: size,
                 });
-                let run = |scenario, seconds, rate| {
-                    measure(&server, &target, scenario, &args, seconds, rate)
-                };
-                let baseline = if scenario == Scenario::Baseline {
-                    None
+                let full_run = (Duration::from_secs(1), Duration::from_secs(args.duration));
+                let (measured, baseline) = if scenario == Scenario::Baseline {
+                    let measured =
+                        measure(&server, &target, scenario, &args, full_run, None).await?;
+                    let rate = measured.outcome.rate();
+                    (measured, (rate, 1.0))
                 } else {
-                    let adjacent = run(Scenario::Baseline, args.baseline_duration, None).await?;
-                    Some(adjacent.0.rate())
+                    let (measured, rate, ratio) =
+                        measure_beside_baseline(&server, &target, scenario, &args).await?;
+                    (measured, (rate, ratio))
                 };
-                let measured = run(scenario, args.duration, None).await?;
-                let baseline = baseline.or(Some(measured.0.rate()));
                 let r = row(backend, size, scenario.name(), &measured, baseline);
                 print_row(&r);
                 rows.push(r);
                 if scenario == Scenario::GetProfile {
                     // Latency at half the peak rate: what a user sees when the server has room.
-                    let half = measured.0.rate() / 2.0;
-                    let paced = run(scenario, args.duration, Some(half)).await?;
-                    let r = row(backend, size, "get_profile@50%", &paced, baseline);
+                    let half = measured.outcome.rate() / 2.0;
+                    let paced =
+                        measure(&server, &target, scenario, &args, full_run, Some(half)).await?;
+                    // Its ratio scales the peak's by the rate the pacing reached.
+                    let share = paced.outcome.rate() / measured.outcome.rate().max(1.0);
+                    let r = row(
+                        backend,
+                        size,
+                        "get_profile@50%",
+                        &paced,
+                        (baseline.0, baseline.1 * share),
+                    );
                     print_row(&r);
                     rows.push(r);
                 }
@@ -523,6 +627,7 @@ async fn main() -> anyhow::Result<()> {
         "concurrency": args.concurrency,
         "duration_seconds": args.duration,
         "baseline_duration_seconds": args.baseline_duration,
+        "rounds": args.rounds,
         "results": rows,
         "servers": servers,
         "scale": scale,
