@@ -10,9 +10,9 @@
 //! every read used to evict another profile that was never read again, and that churn was
 //! 8% of the server's CPU; one-off reads no longer push out profiles read often.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use subgate_core::model::{ProfileKey, ProfileState};
+use subgate_core::model::{FastMap, ProfileKey, ProfileState};
 use uuid::Uuid;
 
 pub struct ProfileCache {
@@ -26,11 +26,11 @@ pub struct ProfileCache {
 #[derive(Default)]
 struct Inner {
     epoch: u64,
-    by_id: HashMap<Uuid, Entry>,
+    by_id: FastMap<Uuid, Entry>,
     /// App, then customer user id, to profile id (nested so a read looks it up by `&str`,
     /// without building a key); checked against the entry on use, so a stale mapping is only a
     /// miss.
-    by_customer_user_id: HashMap<Uuid, HashMap<String, Uuid>>,
+    by_customer_user_id: FastMap<Uuid, FastMap<String, Uuid>>,
     /// Insertion order, for evicting the oldest entries first. An id whose stamp no longer
     /// matches its entry was removed or inserted again since, and is skipped.
     order: VecDeque<(Uuid, u64)>,
@@ -352,7 +352,7 @@ mod tests {
             .lock()
             .by_customer_user_id
             .values()
-            .map(HashMap::len)
+            .map(FastMap::len)
             .sum();
         assert!(mappings <= 2);
     }
