@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal: log files and journald get plain text, and
-        // each request's span is formatted for less (the colour codes were a fifth of it).
+        // each request's span is formatted for less (the colour codes were a third of it).
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
