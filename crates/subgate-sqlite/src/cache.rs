@@ -50,44 +50,46 @@ struct Entry {
 
 /// About how much memory a decoded profile holds: its structs and the text they point to.
 /// An estimate (allocator overhead and map nodes are guessed), cheap enough for every insert.
+/// Vectors count their capacity: a state a write saved pushed onto a clone of the one before,
+/// so its transactions' vector is often twice as long as its transactions, and counting only
+/// those let a 10k-profile node's cache pass its bound by about half.
 fn approx_bytes(state: &ProfileState) -> usize {
     use std::mem::size_of;
     use subgate_core::model::{AttributeValue, Grant, Revoke, Transaction};
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
     let doc = &state.profile.doc;
-    let transactions: usize = state
-        .transactions
-        .iter()
-        .map(|t| {
-            size_of::<Transaction>()
-                + t.store.len()
-                + t.store_product_id.len()
-                + t.store_transaction_id.len()
-                + t.store_original_transaction_id.len()
-                + text(&t.store_base_plan_id)
-                + text(&t.cancellation_reason)
-                + text(&t.variation_id)
-                + t.offer.as_ref().map_or(0, |_| 128)
-        })
-        .sum();
+    let transactions: usize = state.transactions.capacity() * size_of::<Transaction>()
+        + state
+            .transactions
+            .iter()
+            .map(|t| {
+                t.store.capacity()
+                    + t.store_product_id.capacity()
+                    + t.store_transaction_id.capacity()
+                    + t.store_original_transaction_id.capacity()
+                    + text(&t.store_base_plan_id)
+                    + text(&t.cancellation_reason)
+                    + text(&t.variation_id)
+                    + t.offer.as_ref().map_or(0, |_| 128)
+            })
+            .sum::<usize>();
     let attributes: usize = doc
         .attributes
         .iter()
         .map(|(key, value)| {
             let value = match value {
-                AttributeValue::Text(text) => text.len(),
+                AttributeValue::Text(text) => text.capacity(),
                 AttributeValue::Number(_) => 0,
             };
-            64 + key.len() + value
+            64 + key.capacity() + value
         })
         .sum();
-    let grants: usize = doc
-        .grants
-        .iter()
-        .map(|g| {
-            size_of::<Grant>() + g.access_level_id.len() + g.purchase.as_ref().map_or(0, |_| 256)
-        })
-        .sum();
+    let grants: usize = doc.grants.capacity() * size_of::<Grant>()
+        + doc
+            .grants
+            .iter()
+            .map(|g| g.access_level_id.capacity() + g.purchase.as_ref().map_or(0, |_| 256))
+            .sum::<usize>();
     let meta = doc
         .installation_meta
         .as_ref()
@@ -97,9 +99,9 @@ fn approx_bytes(state: &ProfileState) -> usize {
         + transactions
         + attributes
         + grants
-        + doc.revokes.len() * size_of::<Revoke>()
+        + doc.revokes.capacity() * size_of::<Revoke>()
         + meta
-        + 256
+        + 640
 }
 
 /// The epoch a reader saw before it went to the database.
@@ -278,7 +280,43 @@ impl Inner {
 mod tests {
     use super::*;
     use chrono::Utc;
-    use subgate_core::model::{AttributeValue, Profile};
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+    use subgate_core::model::{AttributeValue, Profile, Transaction};
+
+    /// Counts the bytes this thread holds, so a test can weigh what it built.
+    struct CountingAllocator;
+
+    thread_local! {
+        static HELD: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn held_delta(size: usize, sign: isize) {
+        let size = isize::try_from(size).unwrap_or(isize::MAX);
+        // Unavailable while the thread is being torn down; those bytes are not weighed.
+        let _ = HELD.try_with(|held| held.set(held.get() + sign * size));
+    }
+
+    unsafe impl GlobalAlloc for CountingAllocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            held_delta(layout.size(), 1);
+            // SAFETY: forwarded as received.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            held_delta(layout.size(), -1);
+            // SAFETY: forwarded as received.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+    fn held() -> isize {
+        HELD.with(Cell::get)
+    }
 
     fn state(app_id: Uuid, cuid: &str) -> Arc<ProfileState> {
         let now = Utc::now();
@@ -384,6 +422,59 @@ mod tests {
         }
         assert_eq!(cache.lock().by_id.len(), 1);
         assert!(cache.lock().order.len() <= 2 + 64);
+    }
+
+    /// A stored transaction as the benchmark seeds them, in the JSON rows hold.
+    fn stored_transaction(i: usize) -> serde_json::Value {
+        serde_json::json!({
+            "id": Uuid::now_v7(), "seq": i, "purchase_type": "one_time_purchase", "store": "app_store",
+            "environment": "Production", "store_product_id": "com.bench.coins",
+            "store_transaction_id": format!("bench-4254374302-54-{i}"),
+            "store_original_transaction_id": format!("bench-4254374302-54-{i}"),
+            "is_family_shared": false,
+            "price": {"country": "US", "currency": "USD", "value_micros": 990_000,
+                      "usd_micros": 990_000},
+            "purchased_at": "2026-11-22T02:12:50.894927Z",
+            "created_at": "2026-11-22T02:12:50.894927Z",
+            "updated_at": "2026-11-22T02:12:50.894927Z"
+        })
+    }
+
+    /// The estimate is what bounds the cache's memory: it must not fall far below what a
+    /// profile holds, as read from a row or as a write saved it (a clone with one more
+    /// transaction pushed, whose vector then has room for twice as many).
+    #[test]
+    fn the_size_estimate_is_near_what_a_profile_holds() {
+        for transactions in [2, 16, 64] {
+            for saved_by_a_write in [false, true] {
+                let before = held();
+                let mut decoded: Vec<Transaction> = (0..transactions)
+                    .map(|i| serde_json::from_value(stored_transaction(i)).unwrap())
+                    .collect();
+                decoded.shrink_to_fit();
+                if saved_by_a_write {
+                    let mut next = decoded.clone();
+                    next.push(serde_json::from_value(stored_transaction(transactions)).unwrap());
+                    decoded = next;
+                }
+                let mut profile = (*state(Uuid::now_v7(), "user-42")).clone();
+                profile.profile.doc = serde_json::from_value(serde_json::json!({
+                    "attributes": {"plan": "gold", "words_learned": 42, "cohort": "c6"},
+                    "grants": [{"id": Uuid::new_v4(), "access_level_id": "pro",
+                                "starts_at": "2026-11-22T02:12:46.037736Z",
+                                "expires_at": "2026-12-22T02:12:46.037736Z",
+                                "created_at": "2026-11-22T02:12:46.037736Z", "seq": 3}]
+                }))
+                .unwrap();
+                profile.transactions = decoded;
+                let state = Arc::new(profile);
+                let real = usize::try_from(held() - before).unwrap();
+                let estimate = approx_bytes(&state);
+                let case = format!("{transactions} transactions, saved: {saved_by_a_write}");
+                assert!(estimate * 10 >= real * 9, "{case}: {estimate} for {real}");
+                assert!(estimate * 10 <= real * 13, "{case}: {estimate} for {real}");
+            }
+        }
     }
 
     #[test]
