@@ -129,8 +129,8 @@ pub enum AttributeValue {
 }
 
 /// What `#[serde(untagged)]` would read (a number, else a string), without buffering each
-/// value first to try the variants in turn: that buffering was a tenth of decoding a stored
-/// profile's attributes.
+/// value first to try the variants in turn: that buffering, and the error message it built
+/// for every text value, were a tenth of decoding a stored profile.
 impl<'de> Deserialize<'de> for AttributeValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Value;
