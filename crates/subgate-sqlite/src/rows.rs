@@ -607,12 +607,20 @@ pub fn write(
         }
         Change::Delete { profile } => {
             touch(touched);
-            // Its row lists its transactions: each is detached by its id.
-            let attached = load_profile(conn, app_id, &ProfileKey::Id(profile.id))?
-                .map(|s| s.transactions)
-                .unwrap_or_default();
+            // Its row lists its transactions: each is detached by its id. The write loaded
+            // that row already, unless its decision deleted another profile.
+            let reloaded;
+            let attached = match &loaded.profile {
+                Some(state) if state.profile.id == profile.id => &state.transactions,
+                _ => {
+                    reloaded = load_profile(conn, app_id, &ProfileKey::Id(profile.id))?
+                        .map(|s| s.transactions)
+                        .unwrap_or_default();
+                    &reloaded
+                }
+            };
             let (app, id) = (app_id.to_string(), profile.id.to_string());
-            for t in &attached {
+            for t in attached {
                 conn.prepare_cached(
                     "UPDATE transactions SET profile_id = NULL
                      WHERE id = ?1 AND app_id = ?2 AND profile_id = ?3",
