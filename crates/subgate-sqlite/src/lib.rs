@@ -11,6 +11,7 @@
 //! in memory: the writer invalidates what each commit touched before answering.
 
 mod cache;
+mod codec;
 mod rows;
 mod schema;
 
@@ -903,7 +904,7 @@ fn in_savepoint<T>(
 mod tests {
     use super::*;
     use subgate_core::events::{EventType, NewEvent};
-    use subgate_core::model::{Environment, Profile, Transaction};
+    use subgate_core::model::{AttributeValue, Environment, Profile, Transaction};
     use subgate_core::store::{Change, Store};
 
     /// Creates the profile `cuid` under `id`, whatever the lookup found, with one event.
@@ -1159,6 +1160,87 @@ mod tests {
     fn a_profile_slot_stays_what_migrated_databases_hold() {
         let app = Uuid::parse_str("6a0c2f5e-1b7d-4c3e-9f21-0d5b8e7a4c11").unwrap();
         assert_eq!(rows::profile_slot(app, "user-1"), 7_544_916_430_666_834_867);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_are_stored_compressed_and_plain_json_rows_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let app = Uuid::now_v7();
+        let id = Uuid::now_v7();
+        let stored_types = |conn: &Connection| -> (String, String, u8) {
+            conn.query_row(
+                "SELECT typeof(doc), typeof(transactions), substr(doc, 1, 1) FROM profiles",
+                [],
+                |r| {
+                    let tag: Vec<u8> = r.get(2)?;
+                    Ok((r.get(0)?, r.get(1)?, tag[0]))
+                },
+            )
+            .unwrap()
+        };
+        {
+            let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+            let created = store
+                .write(
+                    app,
+                    by_customer_user_id("alpha"),
+                    create_as(app, id, "alpha", Uuid::now_v7()),
+                )
+                .await;
+            assert!(matches!(created, Ok(Outcome::Saved(_))), "{created:?}");
+        }
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(stored_types(&conn), ("blob".into(), "blob".into(), 1));
+
+        // As versions before the compressed format wrote them.
+        let transaction = old_transaction("t-1", id);
+        conn.execute(
+            "UPDATE profiles SET doc = ?1, transactions = ?2",
+            [
+                r#"{"attributes":{"plan":"gold"}}"#.to_string(),
+                serde_json::to_string(&[&transaction]).unwrap(),
+            ],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO transactions (id, app_id, profile_id, store, store_transaction_id,
+                 store_original_transaction_id, data)
+             VALUES (?1, ?2, ?3, 'app_store', 't-1', 't-1', ?4)",
+            [
+                transaction.id.to_string(),
+                app.to_string(),
+                id.to_string(),
+                serde_json::to_string(&transaction).unwrap(),
+            ],
+        )
+        .unwrap();
+        let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        let key = ProfileKey::CustomerUserId("alpha".into());
+        let read = store.load_profile(app, &key).await.unwrap().unwrap();
+        assert_eq!(
+            read.profile.doc.attributes.get("plan"),
+            Some(&AttributeValue::Text("gold".into()))
+        );
+        assert_eq!(read.transactions[0].store_transaction_id, "t-1");
+
+        let bump: Decide = Box::new(|loaded| {
+            let mut state = loaded.profile.clone().expect("the profile exists");
+            state.profile.version += 1;
+            Ok(Change::Save {
+                state,
+                transactions: Vec::new(),
+                events: Vec::new(),
+            })
+        });
+        let saved = store.write(app, by_customer_user_id("alpha"), bump).await;
+        assert!(matches!(saved, Ok(Outcome::Saved(_))), "{saved:?}");
+        assert_eq!(stored_types(&conn), ("blob".into(), "blob".into(), 1));
+        drop(store);
+        let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        let reread = store.load_profile(app, &key).await.unwrap().unwrap();
+        assert_eq!(reread.profile.doc, read.profile.doc);
+        assert_eq!(reread.transactions, read.transactions);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

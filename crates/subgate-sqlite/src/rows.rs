@@ -15,6 +15,8 @@ use subgate_core::store::{
 use subgate_core::time::{from_micros, to_micros};
 use uuid::Uuid;
 
+use crate::codec::{self, StoredJson};
+
 fn storage(e: rusqlite::Error) -> StoreError {
     use rusqlite::ffi::ErrorCode;
     match e.sqlite_error_code() {
@@ -40,9 +42,9 @@ struct ProfileRow {
     version: i64,
     created_at: i64,
     updated_at: i64,
-    doc: String,
-    /// The profile's transactions, as the JSON array reads answer with (migration 0003).
-    transactions: String,
+    doc: StoredJson,
+    /// The profile's transactions, as the array reads answer with (migration 0003).
+    transactions: StoredJson,
 }
 
 const PROFILE_COLUMNS: &str =
@@ -125,8 +127,11 @@ pub(crate) fn profile_slot(app_id: Uuid, customer_user_id: &str) -> i64 {
     i64::try_from(hash >> 1).unwrap_or(i64::MAX).max(1)
 }
 
-fn parse_transaction(profile_id: Option<String>, data: &str) -> Result<Transaction, StoreError> {
-    let mut t: Transaction = serde_json::from_str(data).map_err(|e| corrupt("transaction", e))?;
+fn parse_transaction(
+    profile_id: Option<String>,
+    data: &StoredJson,
+) -> Result<Transaction, StoreError> {
+    let mut t: Transaction = data.decode("transaction")?;
     // The column is the truth: detaching and re-attaching only rewrite it.
     t.profile_id = profile_id
         .map(|id| Uuid::parse_str(&id).map_err(|e| corrupt("transaction profile id", e)))
@@ -140,7 +145,7 @@ fn collect_transactions(
 ) -> Result<Vec<Transaction>, StoreError> {
     let rows = stmt
         .query_map(params, |r| {
-            Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?))
+            Ok((r.get::<_, Option<String>>(0)?, r.get::<_, StoredJson>(1)?))
         })
         .map_err(storage)?;
     rows.map(|row| {
@@ -152,13 +157,12 @@ fn collect_transactions(
 
 fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
     let id = Uuid::parse_str(&row.id).map_err(|e| corrupt("profile id", e))?;
-    let mut transactions: Vec<Transaction> =
-        serde_json::from_str(&row.transactions).map_err(|e| corrupt("transactions", e))?;
+    let mut transactions: Vec<Transaction> = row.transactions.decode("transactions")?;
     // They are this profile's by being in its row; a moved transaction's own copy may be older.
     for t in &mut transactions {
         t.profile_id = Some(id);
     }
-    let doc: ProfileDoc = serde_json::from_str(&row.doc).map_err(|e| corrupt("profile", e))?;
+    let doc: ProfileDoc = row.doc.decode("profile")?;
     Ok(ProfileState {
         profile: Profile {
             id,
@@ -284,8 +288,8 @@ struct ProfileColumns<'a> {
     id: String,
     created_at: i64,
     updated_at: i64,
-    doc: String,
-    transactions: String,
+    doc: Vec<u8>,
+    transactions: Vec<u8>,
 }
 
 impl<'a> ProfileColumns<'a> {
@@ -297,8 +301,8 @@ impl<'a> ProfileColumns<'a> {
             id: p.id.to_string(),
             created_at: to_micros(&p.created_at),
             updated_at: to_micros(&p.updated_at),
-            doc: to_json(&p.doc)?,
-            transactions: to_json(&state.transactions)?,
+            doc: codec::encode(&p.doc)?,
+            transactions: codec::encode(&state.transactions)?,
         })
     }
 
@@ -441,7 +445,7 @@ fn current_owner(
 }
 
 fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<(), StoreError> {
-    let data = to_json(t)?;
+    let data = codec::encode(t)?;
     conn.prepare_cached(
         "INSERT INTO transactions
              (id, app_id, profile_id, store, store_transaction_id, store_original_transaction_id,
@@ -505,7 +509,7 @@ fn drop_moved(
         .iter()
         .filter(|t| moved.iter().all(|m| m.id != t.id))
         .collect();
-    let kept = to_json(&kept)?;
+    let kept = codec::encode(&kept)?;
     conn.prepare_cached("UPDATE profiles SET transactions = ?3 WHERE app_id = ?1 AND id = ?2")
         .and_then(|mut s| s.execute(params![app_id.to_string(), owner.to_string(), kept]))
         .map_err(storage)?;
@@ -724,7 +728,7 @@ pub fn detached_after(
         .map_err(storage)?;
     let rows = stmt
         .query_map(params![after.map(|id| id.to_string()), limit], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            Ok((r.get::<_, String>(0)?, r.get::<_, StoredJson>(1)?))
         })
         .map_err(storage)?;
     rows.map(|row| {
