@@ -1163,6 +1163,29 @@ mod tests {
         assert_eq!(rows::profile_slot(app, "user-1"), 7_544_916_430_666_834_867);
     }
 
+    /// A build that cannot read compressed values (before migration 0006) refuses the file;
+    /// so does this one a file from a later build.
+    #[test]
+    fn a_file_from_a_newer_build_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        drop(SqliteStore::open(&path, &SqliteOptions::default()).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 6, "0006_compressed_json is the latest migration");
+        conn.execute_batch("PRAGMA user_version = 7").unwrap();
+        drop(conn);
+        match SqliteStore::open(&path, &SqliteOptions::default()) {
+            Err(StoreError::Internal(message)) => {
+                assert!(message.contains("upgrade Subgate"), "{message}")
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a newer file was opened"),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rows_are_stored_compressed_and_plain_json_rows_still_read() {
         let dir = tempfile::tempdir().unwrap();

@@ -37,6 +37,11 @@ const MIGRATIONS: &[(&str, &str, Option<RustStep>)] = &[
         include_str!("../migrations/0005_write_indexes.sql"),
         None,
     ),
+    (
+        "0006_compressed_json",
+        include_str!("../migrations/0006_compressed_json.sql"),
+        None,
+    ),
 ];
 
 /// Copies every profile into `profiles_v4`, at its slot where it has one and no other profile
