@@ -942,6 +942,18 @@ mod tests {
         })
     }
 
+    /// Creates the profile `cuid` as `id` through the writer, which must save it.
+    async fn create(store: &SqliteStore, app: Uuid, id: Uuid, cuid: &str) {
+        let created = store
+            .write(
+                app,
+                by_customer_user_id(cuid),
+                create_as(app, id, cuid, Uuid::now_v7()),
+            )
+            .await;
+        assert!(matches!(created, Ok(Outcome::Saved(_))), "{created:?}");
+    }
+
     fn by_customer_user_id(cuid: &str) -> Lookup {
         Lookup {
             customer_user_id: Some(cuid.into()),
@@ -1133,14 +1145,20 @@ mod tests {
         }
     }
 
-    /// A write's chain lookup must stay index lookups on a table of millions, whatever the
-    /// partial index's condition and the query's terms drift to.
-    #[test]
-    fn the_chain_lookup_searches_indexes_and_never_scans() {
+    /// A new file as the store creates it, and a plain connection to it, the store closed.
+    fn fresh_file() -> (tempfile::TempDir, PathBuf, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         drop(SqliteStore::open(&path, &SqliteOptions::default()).unwrap());
         let conn = Connection::open(&path).unwrap();
+        (dir, path, conn)
+    }
+
+    /// A write's chain lookup must stay index lookups on a table of millions, whatever the
+    /// partial index's condition and the query's terms drift to.
+    #[test]
+    fn the_chain_lookup_searches_indexes_and_never_scans() {
+        let (_dir, _, conn) = fresh_file();
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {}", rows::CHAIN_LOOKUP))
             .unwrap()
@@ -1167,10 +1185,7 @@ mod tests {
     /// so does this one a file from a later build.
     #[test]
     fn a_file_from_a_newer_build_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        drop(SqliteStore::open(&path, &SqliteOptions::default()).unwrap());
-        let conn = Connection::open(&path).unwrap();
+        let (_dir, path, conn) = fresh_file();
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
@@ -1205,14 +1220,7 @@ mod tests {
         };
         {
             let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
-            let created = store
-                .write(
-                    app,
-                    by_customer_user_id("alpha"),
-                    create_as(app, id, "alpha", Uuid::now_v7()),
-                )
-                .await;
-            assert!(matches!(created, Ok(Outcome::Saved(_))), "{created:?}");
+            create(&store, app, id, "alpha").await;
         }
         let conn = Connection::open(&path).unwrap();
         assert_eq!(stored_types(&conn), ("blob".into(), "blob".into(), 1));
@@ -1281,14 +1289,7 @@ mod tests {
             )
             .unwrap()
         };
-        let created = store
-            .write(
-                app,
-                by_customer_user_id("alpha"),
-                create_as(app, Uuid::now_v7(), "alpha", Uuid::now_v7()),
-            )
-            .await;
-        assert!(matches!(created, Ok(Outcome::Saved(_))));
+        create(&store, app, Uuid::now_v7(), "alpha").await;
         let conn = Connection::open(&path).unwrap();
         assert_eq!(rowid_of(&conn, "alpha"), rows::profile_slot(app, "alpha"));
 
@@ -1306,14 +1307,7 @@ mod tests {
         )
         .unwrap();
         let beta = Uuid::now_v7();
-        let created = store
-            .write(
-                app,
-                by_customer_user_id("beta"),
-                create_as(app, beta, "beta", Uuid::now_v7()),
-            )
-            .await;
-        assert!(matches!(created, Ok(Outcome::Saved(_))), "{created:?}");
+        create(&store, app, beta, "beta").await;
         assert_ne!(rowid_of(&conn, "beta"), rows::profile_slot(app, "beta"));
 
         for (cuid, id) in [
