@@ -134,6 +134,17 @@ mod tests {
         assert_eq!(read, transactions);
     }
 
+    /// LZ4 matches reach back 64 KB at most; a long transaction list must still read back.
+    #[test]
+    fn a_value_far_longer_than_the_dictionary_reads_back() {
+        let long: Vec<serde_json::Value> = (0..5_000)
+            .map(|i| json!({"store_transaction_id": format!("t-{i}"), "seq": i}))
+            .collect();
+        let stored = encode(&long).unwrap();
+        let read: Vec<serde_json::Value> = StoredJson::Packed(stored).decode("doc").unwrap();
+        assert_eq!(read, long);
+    }
+
     #[test]
     fn json_written_before_the_format_still_reads() {
         let read: serde_json::Value = StoredJson::Text(br#"{"a":[1,2]}"#.to_vec())
