@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 #[cfg(test)]
 mod fixtures;
+pub mod fnv;
 pub mod model;
 pub mod service;
 pub mod store;

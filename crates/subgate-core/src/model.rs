@@ -462,14 +462,9 @@ impl ProfileState {
 
     /// A short hash of the custom attributes: it changes whenever they change.
     pub fn segment_hash(&self) -> String {
-        // FNV-1a over a canonical rendering; stable across builds, unlike std's hasher.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut feed = |bytes: &[u8]| {
-            for b in bytes {
-                hash ^= u64::from(*b);
-                hash = hash.wrapping_mul(0x0100_0000_01b3);
-            }
-        };
+        // Over a canonical rendering, so that it is the same in every build.
+        let mut hasher = crate::fnv::Fnv1a::new();
+        let mut feed = |bytes: &[u8]| hasher.write(bytes);
         for (key, value) in &self.profile.doc.attributes {
             feed(key.as_bytes());
             feed(&[0]);
@@ -485,7 +480,7 @@ impl ProfileState {
             }
             feed(&[0xff]);
         }
-        format!("{hash:016x}")
+        format!("{:016x}", hasher.finish())
     }
 }
 

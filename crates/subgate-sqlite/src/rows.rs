@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::sync::Arc;
 use subgate_core::events::NewEvent;
+use subgate_core::fnv::Fnv1a;
 use subgate_core::model::Environment;
 use subgate_core::model::{
     AppDefinition, Profile, ProfileDoc, ProfileKey, ProfileState, Transaction,
@@ -116,13 +117,10 @@ fn find_profile_row(
 /// changing it only slows reads until rows are rekeyed. FNV-1a (64-bit) of the app id's bytes
 /// and the customer user id, to 63 bits, as rowids are signed.
 pub(crate) fn profile_slot(app_id: Uuid, customer_user_id: &str) -> i64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let hash = app_id
-        .as_bytes()
-        .iter()
-        .chain(customer_user_id.as_bytes())
-        .fold(OFFSET_BASIS, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    let mut hasher = Fnv1a::new();
+    hasher.write(app_id.as_bytes());
+    hasher.write(customer_user_id.as_bytes());
+    let hash = hasher.finish();
     // Positive, and not 0, which SQLite never hands out.
     i64::try_from(hash >> 1).unwrap_or(i64::MAX).max(1)
 }
