@@ -131,8 +131,7 @@ async fn shutdown_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SUBGATE_LOG")
@@ -146,13 +145,37 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { common, listen } => {
             let (settings, demo) = load(&common, listen)?;
-            let running = subgate_server::start(&settings, Arc::new(SystemClock)).await?;
-            tracing::info!(addr = %running.addr, database = %subgate_server::redact(&settings.database.url), apps = settings.apps.len(), "serving");
-            if let Some(path) = demo {
-                print_demo_banner(&settings, &path, running.addr);
-            }
-            running.run_until(shutdown_signal()).await
+            runtime(Some(settings.server.worker_threads()))?.block_on(serve(settings, demo))
         }
+        command => runtime(None)?.block_on(run(command)),
+    }
+}
+
+/// The async runtime, with `worker_threads` threads (the machine's cores if `None`).
+fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn serve(settings: Settings, demo: Option<PathBuf>) -> anyhow::Result<()> {
+    let running = subgate_server::start(&settings, Arc::new(SystemClock)).await?;
+    tracing::info!(addr = %running.addr, database = %subgate_server::redact(&settings.database.url), apps = settings.apps.len(), workers = tokio::runtime::Handle::current().metrics().num_workers(), "serving");
+    if let Some(path) = demo {
+        print_demo_banner(&settings, &path, running.addr);
+    }
+    running.run_until(shutdown_signal()).await
+}
+
+/// Every command but `serve`.
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { .. } => unreachable!("`serve` has its own runtime"),
         Command::Migrate { common } => {
             let (settings, _) = load(&common, None)?;
             subgate_server::open_store(&settings.database)

@@ -45,6 +45,53 @@ async fn a_second_process_on_the_same_file_is_refused_clearly() {
     assert_eq!(status, 200, "{body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_runs_the_request_threads_its_config_asks_for() {
+    use std::io::BufRead;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let serve = |threads: usize| {
+        let config = db.dir.path().join(format!("threads-{threads}.toml"));
+        let text = CONFIG.replacen(
+            "[server]\n",
+            &format!("[server]\nworker_threads = {threads}\n"),
+            1,
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_subgate"));
+        command
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--database-url", &db.url])
+            .env("SUBGATE_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+
+    // The runtime reports its own count in the start line.
+    let mut node = serve(3).spawn().unwrap();
+    let stderr = std::io::BufReader::new(node.stderr.take().unwrap());
+    let started = tokio::task::spawn_blocking(move || {
+        stderr
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| line.contains("serving"))
+    });
+    let started = tokio::time::timeout(std::time::Duration::from_secs(30), started).await;
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let line = started.unwrap().unwrap().expect("no start line");
+    assert!(line.contains("workers=3"), "{line}");
+
+    let refused = serve(0).output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("worker_threads must be at least 1"),
+        "{stderr}"
+    );
+}
+
 /// The WAL's size once `WRITERS` clients, each updating its own profile `WRITES` times in a
 /// row, were answered, with the log rewound past `wal_rewind_pages`.
 async fn wal_bytes_after_steady_writes(wal_rewind_pages: u32) -> u64 {
