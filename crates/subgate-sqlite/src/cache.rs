@@ -176,6 +176,19 @@ impl ProfileCache {
         }
     }
 
+    /// Stores what was read for a write about to be queued, unless a write was committed since
+    /// `seen`: the writer then takes it from here instead of reading and decoding its row, and
+    /// keeps the state it saves in its place either way.
+    pub fn insert_before_write(&self, seen: Epoch, state: &Arc<ProfileState>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.epoch == seen.0 {
+            inner.put(self.capacity, self.max_bytes, state);
+        }
+    }
+
     /// After a commit: forgets what it touched, then keeps what it saved (the writer knows the
     /// committed state, so the next read or write of it needs no database).
     pub fn committed(&self, touched: &[Uuid], saved: Vec<Arc<ProfileState>>) {
@@ -372,6 +385,20 @@ mod tests {
         cache.committed(&[Uuid::now_v7()], Vec::new());
         cache.insert(seen, &alice);
         assert!(cache.get(app, &ProfileKey::Id(alice.profile.id)).is_none());
+    }
+
+    #[test]
+    fn a_read_ahead_of_a_write_is_kept_at_once_unless_a_write_raced_it() {
+        let cache = ProfileCache::new(10, usize::MAX);
+        let app = Uuid::now_v7();
+        let alice = state(app, "alice");
+        let seen = cache.epoch();
+        cache.committed(&[Uuid::now_v7()], Vec::new());
+        cache.insert_before_write(seen, &alice);
+        assert!(cache.get(app, &ProfileKey::Id(alice.profile.id)).is_none());
+        // Its first read: no earlier miss is needed.
+        cache.insert_before_write(cache.epoch(), &alice);
+        assert!(cache.get(app, &ProfileKey::Id(alice.profile.id)).is_some());
     }
 
     #[test]

@@ -270,6 +270,36 @@ fn load(
     })
 }
 
+/// Reads, without decoding them, the index pages a write to this profile and chain will
+/// look up and change besides the profile's own row: the chain's and the store transaction's
+/// entries, and where the profile's next event goes. See `SqliteStore::prefetch_for_write`.
+pub fn read_write_pages(
+    conn: &Connection,
+    app_id: Uuid,
+    profile_id: Option<Uuid>,
+    chain: Option<&ChainRef>,
+) -> Result<(), StoreError> {
+    let app = app_id.to_string();
+    if let Some(chain) = chain {
+        let mut stmt = conn.prepare_cached(CHAIN_LOOKUP).map_err(storage)?;
+        let mut rows = stmt
+            .query(params![
+                app,
+                chain.store,
+                chain.store_original_transaction_id,
+                chain.store_transaction_id
+            ])
+            .map_err(storage)?;
+        while rows.next().map_err(storage)?.is_some() {}
+    }
+    if let Some(id) = profile_id {
+        conn.prepare_cached("SELECT max(seq) FROM events WHERE app_id = ?1 AND profile_id = ?2")
+            .and_then(|mut s| s.query_row(params![app, id.to_string()], |_| Ok(())))
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
 const INSERT_PROFILE: &str = "INSERT INTO profiles
          (app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions,
           rowid)
