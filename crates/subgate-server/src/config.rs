@@ -294,6 +294,11 @@ impl Settings {
                 Env::raw()
                     .only(&["SUBGATE_DATABASE_URL"])
                     .map(|_| "database.url".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["SUBGATE_WORKER_THREADS"])
+                    .map(|_| "server.worker_threads".into()),
             );
         let mut settings: Settings = figment.extract().with_context(|| match path {
             Some(p) => format!("invalid configuration in {}", p.display()),

@@ -281,7 +281,8 @@ impl SqliteStore {
 
     /// Runs a short read on this thread's own connection. Only for point reads: it blocks the
     /// async worker for its duration (tens of microseconds from the page cache, more where the
-    /// kernel has dropped the page and it comes from the disk; see ADR 0010).
+    /// kernel has dropped the page and it comes from the disk; see ADR 0010). The server runs
+    /// more runtime threads than cores so that others answer meanwhile (ADR 0011).
     fn read_inline<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
