@@ -313,7 +313,7 @@ impl SqliteStore {
     /// write reads (the profile's row, the store transaction's index entries, where its events
     /// go) may have to come from the disk. Read here, many requests wait for the disk at once,
     /// instead of the single writer thread waiting for each write's pages in turn. At 10k
-    /// profiles every profile is cached and this does nothing.
+    /// profiles, once they are all cached, this reads nothing.
     ///
     /// Only a hint: it reads outside the write's transaction, and a failure is the write's to
     /// meet and report.
