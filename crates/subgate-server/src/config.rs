@@ -47,7 +47,7 @@ impl ServerSettings {
     /// read runs on the thread that answers the request, and where the kernel has dropped its
     /// page from memory that thread waits for the disk; threads beyond the cores keep the CPU
     /// answering others meanwhile. With a million profiles on a file read from the disk, 2
-    /// threads on the 2-core benchmark machine answered 17-20k reads/s, 6 threads 38-43k/s
+    /// threads on the 2-core benchmark machine answered 17-20k reads/s, 6 threads 41-43k/s
     /// (README, Performance); at 10k profiles, all in memory, both gave the same.
     pub fn worker_threads(&self) -> usize {
         self.worker_threads
