@@ -33,6 +33,17 @@ pub struct Lookup {
     pub chain: Option<ChainRef>,
 }
 
+impl Lookup {
+    /// The key the profile is loaded by: its id when given, else its customer user id.
+    pub fn profile_key(&self) -> Option<ProfileKey> {
+        match (self.profile_id, &self.customer_user_id) {
+            (Some(id), _) => Some(ProfileKey::Id(id)),
+            (None, Some(cuid)) => Some(ProfileKey::CustomerUserId(cuid.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainRef {
     pub store: String,

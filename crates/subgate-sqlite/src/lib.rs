@@ -318,10 +318,8 @@ impl SqliteStore {
     /// Only a hint: it reads outside the write's transaction, and a failure is the write's to
     /// meet and report.
     fn prefetch_for_write(&self, app_id: Uuid, lookup: &Lookup) {
-        let key = match (lookup.profile_id, &lookup.customer_user_id) {
-            (Some(id), _) => ProfileKey::Id(id),
-            (None, Some(cuid)) => ProfileKey::CustomerUserId(cuid.clone()),
-            (None, None) => return,
+        let Some(key) = lookup.profile_key() else {
+            return;
         };
         if self.cache.get(app_id, &key).is_some() {
             return;

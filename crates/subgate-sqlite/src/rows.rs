@@ -211,11 +211,7 @@ fn load(
     lookup: &Lookup,
     cached: CachedProfile<'_>,
 ) -> Result<Loaded, StoreError> {
-    let key = match (&lookup.profile_id, &lookup.customer_user_id) {
-        (Some(id), _) => Some(ProfileKey::Id(*id)),
-        (None, Some(cuid)) => Some(ProfileKey::CustomerUserId(cuid.clone())),
-        (None, None) => None,
-    };
+    let key = lookup.profile_key();
     let profile = match &key {
         Some(key) => match cached(key) {
             Some(state) => {
