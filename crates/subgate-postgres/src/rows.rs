@@ -15,7 +15,7 @@ use subgate_core::store::{
 };
 use subgate_core::time::{from_micros, to_micros};
 use tokio_postgres::types::Json;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Statement};
 use uuid::Uuid;
 
 /// PostgreSQL keeps microseconds and rounds the rest; truncating first keeps what is read back
@@ -130,32 +130,19 @@ pub async fn load_profile_rows(
     Ok(found)
 }
 
-/// Locks the profile row a write names. Its transactions are read by a later statement: under
-/// READ COMMITTED that one sees everything the previous lock holder committed.
-/// Locks and loads the profile with its transactions. Under READ COMMITTED a locked row is
-/// its latest committed version, so it holds every transaction moved to or from it so far.
+/// Locks and loads the profile with its transactions, by the statement [`prepare_load`]
+/// prepared. Under READ COMMITTED a locked row is its latest committed version, so it holds
+/// every transaction moved to or from it so far.
 async fn lock_profile(
     client: &impl GenericClient,
+    stmt: Option<&Statement>,
     app_id: Uuid,
     lookup: &Lookup,
 ) -> Result<Option<ProfileState>, Failure> {
-    let row = match (&lookup.profile_id, &lookup.customer_user_id) {
-        (Some(id), _) => {
-            let sql = format!(
-                "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = $1 AND id = $2 FOR UPDATE"
-            );
-            let stmt = client.prepare_cached(&sql).await?;
-            client.query_opt(&stmt, &[&app_id, id]).await?
-        }
-        (None, Some(cuid)) => {
-            let sql = format!(
-                "SELECT {PROFILE_COLUMNS} FROM profiles
-                 WHERE app_id = $1 AND customer_user_id = $2 FOR UPDATE"
-            );
-            let stmt = client.prepare_cached(&sql).await?;
-            client.query_opt(&stmt, &[&app_id, cuid]).await?
-        }
-        (None, None) => None,
+    let row = match (stmt, &lookup.profile_id, &lookup.customer_user_id) {
+        (Some(stmt), Some(id), _) => client.query_opt(stmt, &[&app_id, id]).await?,
+        (Some(stmt), None, Some(cuid)) => client.query_opt(stmt, &[&app_id, cuid]).await?,
+        _ => None,
     };
     Ok(row.as_ref().map(state_from).transpose()?)
 }
@@ -181,24 +168,23 @@ async fn refresh_embedded(
         .map(drop)
 }
 
-/// Locks and loads the transactions of a chain (and the named transaction), on any profile.
+/// Locks the transactions of a chain (and the named transaction), on any profile.
+const LOCK_CHAIN: &str = "SELECT profile_id, data FROM transactions
+    WHERE app_id = $1 AND store = $2
+      AND (store_original_transaction_id = $3 OR store_transaction_id = $4)
+    ORDER BY position
+    FOR UPDATE";
+
+/// Locks and loads a chain's transactions by `LOCK_CHAIN`, prepared as `stmt`.
 async fn lock_chain(
     client: &impl GenericClient,
+    stmt: &Statement,
     app_id: Uuid,
     chain: &ChainRef,
 ) -> Result<Vec<Transaction>, Failure> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT profile_id, data FROM transactions
-             WHERE app_id = $1 AND store = $2
-               AND (store_original_transaction_id = $3 OR store_transaction_id = $4)
-             ORDER BY position
-             FOR UPDATE",
-        )
-        .await?;
     let rows = client
         .query(
-            &stmt,
+            stmt,
             &[
                 &app_id,
                 &chain.store,
@@ -217,41 +203,93 @@ async fn lock_chain(
         .collect()
 }
 
+/// The statements a write's load runs, prepared (once per connection; later from its cache,
+/// without a round trip): the profile's lock, the lookup of another profile holding the
+/// customer user id, the chain's lock, each where the lookup needs it.
+struct LoadStatements {
+    profile: Option<Statement>,
+    other_owner: Option<Statement>,
+    chain: Option<Statement>,
+}
+
+async fn prepare_load(
+    client: &impl GenericClient,
+    lookup: &Lookup,
+) -> Result<LoadStatements, tokio_postgres::Error> {
+    let profile = match (&lookup.profile_id, &lookup.customer_user_id) {
+        (Some(_), _) => Some(format!(
+            "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = $1 AND id = $2 FOR UPDATE"
+        )),
+        (None, Some(_)) => Some(format!(
+            "SELECT {PROFILE_COLUMNS} FROM profiles
+             WHERE app_id = $1 AND customer_user_id = $2 FOR UPDATE"
+        )),
+        (None, None) => None,
+    };
+    let profile = match profile {
+        Some(sql) => Some(client.prepare_cached(&sql).await?),
+        None => None,
+    };
+    let other_owner = match (&lookup.customer_user_id, &lookup.profile_id) {
+        (Some(_), Some(_)) => Some(
+            client
+                .prepare_cached(
+                    "SELECT id FROM profiles WHERE app_id = $1 AND customer_user_id = $2",
+                )
+                .await?,
+        ),
+        _ => None,
+    };
+    let chain = match &lookup.chain {
+        Some(_) => Some(client.prepare_cached(LOCK_CHAIN).await?),
+        None => None,
+    };
+    Ok(LoadStatements {
+        profile,
+        other_owner,
+        chain,
+    })
+}
+
 async fn load(
     client: &impl GenericClient,
     app_id: Uuid,
     lookup: &Lookup,
 ) -> Result<Loaded, Failure> {
-    // Always the profile first, then its chain: one lock order for every writer. Once the
-    // profile is locked, the other reads go out together (pipelined).
-    let profile = lock_profile(client, app_id, lookup).await?;
-    let owner = async {
-        match (&lookup.customer_user_id, &lookup.profile_id) {
-            (None, _) => Ok(None),
-            // Looked up by the customer user id itself: its owner is the profile just locked.
-            (Some(_), None) => Ok(profile.as_ref().map(|s| s.profile.id)),
-            (Some(cuid), Some(_)) => {
-                let stmt = client
-                    .prepare_cached(
-                        "SELECT id FROM profiles WHERE app_id = $1 AND customer_user_id = $2",
-                    )
-                    .await?;
-                match client.query_opt(&stmt, &[&app_id, cuid]).await? {
-                    Some(row) => Ok(Some(get(&row, 0)?)),
-                    None => Ok(None),
-                }
-            }
+    // Always the profile first, then its chain: one lock order for every writer. All three
+    // statements go out at once, one round trip: PostgreSQL runs a connection's statements
+    // in turn, so the chain is locked only once the profile is. The order they are sent in is
+    // what makes that so: every statement is prepared first, tokio-postgres sends a prepared
+    // statement's query on its future's first poll, and `join3` polls in order. (tokio's
+    // `join!` rotates which future it polls first; with it, chains were sometimes locked
+    // first, and writers deadlocked.)
+    let statements = prepare_load(client, lookup).await?;
+    let profile = lock_profile(client, statements.profile.as_ref(), app_id, lookup);
+    let other_owner = async {
+        match (&statements.other_owner, &lookup.customer_user_id) {
+            (Some(stmt), Some(cuid)) => match client.query_opt(stmt, &[&app_id, cuid]).await? {
+                Some(row) => Ok(Some(get(&row, 0)?)),
+                None => Ok(None),
+            },
+            _ => Ok(None),
         }
     };
     let related = async {
-        match &lookup.chain {
-            Some(chain) => lock_chain(client, app_id, chain).await,
-            None => Ok(Vec::new()),
+        match (&statements.chain, &lookup.chain) {
+            (Some(stmt), Some(chain)) => lock_chain(client, stmt, app_id, chain).await,
+            _ => Ok(Vec::new()),
         }
     };
-    let (customer_user_id_owner, related) = match tokio::join!(owner, related) {
-        (Ok(owner), Ok(related)) => (owner, related),
-        (a, b) => return Err(cause([a.err(), b.err()].into_iter().flatten())),
+    let (profile, other_owner, related) =
+        match futures_util::future::join3(profile, other_owner, related).await {
+            (Ok(profile), Ok(owner), Ok(related)) => (profile, owner, related),
+            (a, b, c) => return Err(cause([a.err(), b.err(), c.err()].into_iter().flatten())),
+        };
+    let customer_user_id_owner = match (&lookup.customer_user_id, &lookup.profile_id) {
+        (None, _) => None,
+        // Looked up by the customer user id itself: its owner is the profile locked.
+        (Some(_), None) => profile.as_ref().map(|s| s.profile.id),
+        (Some(_), Some(_)) => other_owner,
     };
     Ok(Loaded {
         profile,
