@@ -221,11 +221,51 @@ impl PgStore {
         lookup: &Lookup,
         decide: &Decide,
     ) -> Result<Outcome, Failure> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let outcome = rows::write(&tx, app_id, lookup, decide).await?;
-        tx.commit().await?;
-        Ok(outcome)
+        let open = OpenTransaction(Some(self.client().await?));
+        let Some(client) = open.0.as_ref() else {
+            return Err(Failure::Store(StoreError::Internal(
+                "a write's connection went missing".into(),
+            )));
+        };
+        // `rows::write` sends the BEGIN with its first statements, saving the round trip
+        // tokio-postgres' `transaction()` spends on it alone.
+        match rows::write(client, app_id, lookup, decide).await {
+            Ok(outcome) => {
+                open.end("COMMIT").await?;
+                Ok(outcome)
+            }
+            Err(failure) => {
+                // Failing that, `open` takes the connection out of the pool.
+                let _ = open.end("ROLLBACK").await;
+                Err(failure)
+            }
+        }
+    }
+}
+
+/// A pooled connection that may be inside a transaction. Dropped before [`Self::end`]
+/// succeeds (the write failed to end it, panicked, or its timeout cancelled it), it leaves
+/// the pool and closes, and PostgreSQL rolls its transaction back: the pool must never hand
+/// out a connection in the middle of someone's transaction.
+struct OpenTransaction(Option<deadpool_postgres::Client>);
+
+impl OpenTransaction {
+    /// Ends the transaction with `sql` (`COMMIT` or `ROLLBACK`); the connection then goes back
+    /// to the pool.
+    async fn end(mut self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        if let Some(client) = &self.0 {
+            client.batch_execute(sql).await?;
+        }
+        drop(self.0.take());
+        Ok(())
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
     }
 }
 

@@ -260,10 +260,14 @@ async fn load(
     // statements go out at once, one round trip: PostgreSQL runs a connection's statements
     // in turn, so the chain is locked only once the profile is. The order they are sent in is
     // what makes that so: every statement is prepared first, tokio-postgres sends a prepared
-    // statement's query on its future's first poll, and `join3` polls in order. (tokio's
+    // statement's query on its future's first poll, and `join4` polls in order. (tokio's
     // `join!` rotates which future it polls first; with it, chains were sometimes locked
     // first, and writers deadlocked.)
     let statements = prepare_load(client, lookup).await?;
+    // The transaction's BEGIN goes out first in the same round trip. Should it fail, the
+    // statements after it ran alone (plain reads, their locks released at once), and the
+    // write stops here.
+    let begin = client.batch_execute("BEGIN");
     let profile = lock_profile(client, statements.profile.as_ref(), app_id, lookup);
     let other_owner = async {
         match (&statements.other_owner, &lookup.customer_user_id) {
@@ -280,11 +284,13 @@ async fn load(
             _ => Ok(Vec::new()),
         }
     };
-    let (profile, other_owner, related) =
-        match futures_util::future::join3(profile, other_owner, related).await {
-            (Ok(profile), Ok(owner), Ok(related)) => (profile, owner, related),
-            (a, b, c) => return Err(cause([a.err(), b.err(), c.err()].into_iter().flatten())),
-        };
+    let (begun, profile, other_owner, related) =
+        futures_util::future::join4(begin, profile, other_owner, related).await;
+    begun?;
+    let (profile, other_owner, related) = match (profile, other_owner, related) {
+        (Ok(profile), Ok(owner), Ok(related)) => (profile, owner, related),
+        (a, b, c) => return Err(cause([a.err(), b.err(), c.err()].into_iter().flatten())),
+    };
     let customer_user_id_owner = match (&lookup.customer_user_id, &lookup.profile_id) {
         (None, _) => None,
         // Looked up by the customer user id itself: its owner is the profile locked.
@@ -497,6 +503,8 @@ async fn update_transaction(
 type Step<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + Send + 'a>>;
 
+/// Runs a write in a transaction it begins on `client`, a connection outside any; the caller
+/// commits it when this answers `Ok`, and rolls it back otherwise.
 pub async fn write(
     client: &impl GenericClient,
     app_id: Uuid,

@@ -2,7 +2,7 @@
 //! services rely on (atomic writes, no lost updates, one row per store transaction, detached
 //! history, paging for copy-store), independent of HTTP.
 
-use crate::common::{start_of_test_time, Backend, TestDb};
+use crate::common::{pg_connect, start_of_test_time, Backend, TestDb};
 use chrono::Duration;
 use futures_util::future::join_all;
 use std::sync::Arc;
@@ -493,6 +493,52 @@ async fn an_import_moving_a_transaction_leaves_no_copy_behind(backend: Backend) 
     let relocated = saved(record(&*store, "second", "t1", "t1").await).await;
     assert_eq!(relocated.transactions.len(), 1);
     assert!(read("first").await.transactions.is_empty());
+}
+
+/// A PostgreSQL write cancelled while its transaction is open (its caller's timeout, a
+/// dropped request) commits nothing: its connection must not go back to the pool inside that
+/// transaction, where the next write's COMMIT would commit the cancelled write's rows too.
+#[tokio::test]
+async fn a_postgres_write_cancelled_mid_transaction_commits_nothing() {
+    let db = TestDb::new(Backend::Postgres).await;
+    // One connection, so a connection handed back mid-transaction is the next write's.
+    let store = subgate_server::open_store(&DatabaseSettings {
+        url: db.url.clone(),
+        max_connections: 1,
+        ..DatabaseSettings::default()
+    })
+    .await
+    .unwrap();
+    store.put_apps(&[app(APP)]).await.unwrap();
+    let before = saved(record(&*store, "alice", "t1", "t1").await).await;
+
+    // Another session inserts store transaction t2 and does not commit: the write recording
+    // t2 saves the profile, then waits on the unique index at its own insert.
+    let blocker = pg_connect(&db.url).await;
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO transactions
+                 (id, app_id, store, store_transaction_id, store_original_transaction_id, data)
+             VALUES (gen_random_uuid(), '{APP}', 'app_store', 't2', 't2', '{{}}')"
+        ))
+        .await
+        .unwrap();
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        record(&*store, "alice", "t2", "t2"),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the write should have been waiting");
+    // Its insert now goes through, in a transaction nobody commits.
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+
+    saved(record(&*store, "bob", "b1", "b1").await).await;
+    let alice = store
+        .load_profile(APP, &ProfileKey::CustomerUserId("alice".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*alice, before, "the cancelled write was committed");
 }
 
 on_every_backend!(
