@@ -137,6 +137,7 @@ fn parse_transaction(
     Ok(t)
 }
 
+#[cfg(debug_assertions)]
 fn collect_transactions(
     stmt: &mut rusqlite::CachedStatement<'_>,
     params: impl rusqlite::Params,
@@ -185,21 +186,60 @@ pub fn load_profile(
         .transpose()
 }
 
-/// A chain's transactions (original id ?3) and the store transaction ?4, in rowid order, by
-/// index lookups; with OR, SQLite scans every transaction of the store. The chain is its later
-/// transactions (the partial index `transactions_chain`) and the original itself.
-pub(crate) const CHAIN_LOOKUP: &str = "SELECT profile_id, data FROM transactions WHERE rowid IN (
-         SELECT rowid FROM transactions
+/// A chain's transactions (original id ?3) and the store transaction ?4, by index lookups; with
+/// OR, SQLite scans every transaction of the store. The chain is its later transactions (the
+/// partial index `transactions_chain`) and the original itself. A row can come twice (the store
+/// transaction is the original, or one of the later ones): [`chain_transactions`] keeps one of
+/// each, in rowid order. Joined by `UNION` under `rowid IN (...)`, SQLite built two temporary
+/// b-trees at every run; this took 20-23 µs a lookup against 26-28 µs in a microbenchmark.
+pub(crate) const CHAIN_LOOKUP: &str = "SELECT rowid, profile_id, data FROM transactions
          WHERE app_id = ?1 AND store = ?2 AND store_original_transaction_id = ?3
              AND store_original_transaction_id <> store_transaction_id
-         UNION
-         SELECT rowid FROM transactions
+     UNION ALL
+     SELECT rowid, profile_id, data FROM transactions
          WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?3
              AND store_original_transaction_id = ?3
-         UNION
-         SELECT rowid FROM transactions
-         WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?4)
-     ORDER BY rowid";
+     UNION ALL
+     SELECT rowid, profile_id, data FROM transactions
+         WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?4";
+
+/// The rows [`CHAIN_LOOKUP`] finds for `chain`, each once, in rowid order (the order reads list
+/// transactions in): rowid, profile id, data.
+fn chain_rows(
+    conn: &Connection,
+    app_id: Uuid,
+    chain: &ChainRef,
+) -> Result<Vec<(i64, Option<String>, StoredJson)>, StoreError> {
+    let mut stmt = conn.prepare_cached(CHAIN_LOOKUP).map_err(storage)?;
+    let mut rows = stmt
+        .query_map(
+            params![
+                app_id.to_string(),
+                chain.store,
+                chain.store_original_transaction_id,
+                chain.store_transaction_id
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map_err(storage)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(storage)?;
+    rows.sort_unstable_by_key(|(rowid, ..)| *rowid);
+    rows.dedup_by_key(|(rowid, ..)| *rowid);
+    Ok(rows)
+}
+
+/// A chain's transactions and the store transaction (see [`CHAIN_LOOKUP`]), in rowid order.
+fn chain_transactions(
+    conn: &Connection,
+    app_id: Uuid,
+    chain: &ChainRef,
+) -> Result<Vec<Transaction>, StoreError> {
+    chain_rows(conn, app_id, chain)?
+        .into_iter()
+        .map(|(_, profile_id, data)| parse_transaction(profile_id, &data))
+        .collect()
+}
 
 /// A profile as committed, if the writer may use it in place of reading the database (it is
 /// cached, and no earlier job of the running batch touched it).
@@ -245,18 +285,7 @@ fn load(
         None => None,
     };
     let related = match &lookup.chain {
-        Some(chain) => {
-            let mut stmt = conn.prepare_cached(CHAIN_LOOKUP).map_err(storage)?;
-            collect_transactions(
-                &mut stmt,
-                params![
-                    app_id.to_string(),
-                    chain.store,
-                    chain.store_original_transaction_id,
-                    chain.store_transaction_id
-                ],
-            )?
-        }
+        Some(chain) => chain_transactions(conn, app_id, chain)?,
         None => Vec::new(),
     };
     Ok(Loaded {
@@ -277,16 +306,7 @@ pub fn read_write_pages(
 ) -> Result<(), StoreError> {
     let app = app_id.to_string();
     if let Some(chain) = chain {
-        let mut stmt = conn.prepare_cached(CHAIN_LOOKUP).map_err(storage)?;
-        let mut rows = stmt
-            .query(params![
-                app,
-                chain.store,
-                chain.store_original_transaction_id,
-                chain.store_transaction_id
-            ])
-            .map_err(storage)?;
-        while rows.next().map_err(storage)?.is_some() {}
+        chain_rows(conn, app_id, chain)?;
     }
     if let Some(id) = profile_id {
         conn.prepare_cached("SELECT max(seq) FROM events WHERE app_id = ?1 AND profile_id = ?2")
