@@ -131,18 +131,17 @@ pub async fn load_profile_rows(
 }
 
 /// Locks and loads the profile with its transactions, by the statement [`prepare_load`]
-/// prepared. Under READ COMMITTED a locked row is its latest committed version, so it holds
-/// every transaction moved to or from it so far.
+/// prepared for `key`. Under READ COMMITTED a locked row is its latest committed version, so it
+/// holds every transaction moved to or from it so far.
 async fn lock_profile(
     client: &impl GenericClient,
-    stmt: Option<&Statement>,
+    stmt: &Statement,
     app_id: Uuid,
-    lookup: &Lookup,
+    key: &ProfileKey,
 ) -> Result<Option<ProfileState>, Failure> {
-    let row = match (stmt, &lookup.profile_id, &lookup.customer_user_id) {
-        (Some(stmt), Some(id), _) => client.query_opt(stmt, &[&app_id, id]).await?,
-        (Some(stmt), None, Some(cuid)) => client.query_opt(stmt, &[&app_id, cuid]).await?,
-        _ => None,
+    let row = match key {
+        ProfileKey::Id(id) => client.query_opt(stmt, &[&app_id, id]).await?,
+        ProfileKey::CustomerUserId(cuid) => client.query_opt(stmt, &[&app_id, cuid]).await?,
     };
     Ok(row.as_ref().map(state_from).transpose()?)
 }
@@ -203,45 +202,47 @@ async fn lock_chain(
         .collect()
 }
 
-/// The statements a write's load runs, prepared (once per connection; later from its cache,
-/// without a round trip): the profile's lock, the lookup of another profile holding the
-/// customer user id, the chain's lock, each where the lookup needs it.
-struct LoadStatements {
-    profile: Option<Statement>,
-    other_owner: Option<Statement>,
-    chain: Option<Statement>,
+/// The statements a write's load runs, each with what it looks up, prepared (once per
+/// connection; later from its cache, without a round trip): the profile's lock, the lookup of
+/// another profile holding the customer user id, the chain's lock, each where the lookup needs
+/// it.
+struct LoadStatements<'a> {
+    profile: Option<(Statement, ProfileKey)>,
+    other_owner: Option<(Statement, &'a str)>,
+    chain: Option<(Statement, &'a ChainRef)>,
 }
 
-async fn prepare_load(
+async fn prepare_load<'a>(
     client: &impl GenericClient,
-    lookup: &Lookup,
-) -> Result<LoadStatements, tokio_postgres::Error> {
-    let profile = match (&lookup.profile_id, &lookup.customer_user_id) {
-        (Some(_), _) => Some(format!(
-            "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = $1 AND id = $2 FOR UPDATE"
-        )),
-        (None, Some(_)) => Some(format!(
-            "SELECT {PROFILE_COLUMNS} FROM profiles
-             WHERE app_id = $1 AND customer_user_id = $2 FOR UPDATE"
-        )),
-        (None, None) => None,
-    };
-    let profile = match profile {
-        Some(sql) => Some(client.prepare_cached(&sql).await?),
+    lookup: &'a Lookup,
+) -> Result<LoadStatements<'a>, tokio_postgres::Error> {
+    let profile = match lookup.profile_key() {
+        Some(key) => {
+            let by = match key {
+                ProfileKey::Id(_) => "id",
+                ProfileKey::CustomerUserId(_) => "customer_user_id",
+            };
+            let sql = format!(
+                "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = $1 AND {by} = $2 FOR UPDATE"
+            );
+            Some((client.prepare_cached(&sql).await?, key))
+        }
         None => None,
     };
-    let other_owner = match (&lookup.customer_user_id, &lookup.profile_id) {
-        (Some(_), Some(_)) => Some(
+    // Looked up by the customer user id itself, its owner is the profile locked.
+    let other_owner = match (&lookup.customer_user_id, &profile) {
+        (Some(cuid), Some((_, ProfileKey::Id(_)))) => Some((
             client
                 .prepare_cached(
                     "SELECT id FROM profiles WHERE app_id = $1 AND customer_user_id = $2",
                 )
                 .await?,
-        ),
+            cuid.as_str(),
+        )),
         _ => None,
     };
     let chain = match &lookup.chain {
-        Some(_) => Some(client.prepare_cached(LOCK_CHAIN).await?),
+        Some(chain) => Some((client.prepare_cached(LOCK_CHAIN).await?, chain)),
         None => None,
     };
     Ok(LoadStatements {
@@ -268,20 +269,25 @@ async fn load(
     // statements after it ran alone (plain reads, their locks released at once), and the
     // write stops here.
     let begin = client.batch_execute("BEGIN");
-    let profile = lock_profile(client, statements.profile.as_ref(), app_id, lookup);
+    let profile = async {
+        match &statements.profile {
+            Some((stmt, key)) => lock_profile(client, stmt, app_id, key).await,
+            None => Ok(None),
+        }
+    };
     let other_owner = async {
-        match (&statements.other_owner, &lookup.customer_user_id) {
-            (Some(stmt), Some(cuid)) => match client.query_opt(stmt, &[&app_id, cuid]).await? {
+        match &statements.other_owner {
+            Some((stmt, cuid)) => match client.query_opt(stmt, &[&app_id, cuid]).await? {
                 Some(row) => Ok(Some(get(&row, 0)?)),
                 None => Ok(None),
             },
-            _ => Ok(None),
+            None => Ok(None),
         }
     };
     let related = async {
-        match (&statements.chain, &lookup.chain) {
-            (Some(stmt), Some(chain)) => lock_chain(client, stmt, app_id, chain).await,
-            _ => Ok(Vec::new()),
+        match &statements.chain {
+            Some((stmt, chain)) => lock_chain(client, stmt, app_id, chain).await,
+            None => Ok(Vec::new()),
         }
     };
     let (begun, profile, other_owner, related) =
@@ -291,11 +297,9 @@ async fn load(
         (Ok(profile), Ok(owner), Ok(related)) => (profile, owner, related),
         (a, b, c) => return Err(cause([a.err(), b.err(), c.err()].into_iter().flatten())),
     };
-    let customer_user_id_owner = match (&lookup.customer_user_id, &lookup.profile_id) {
-        (None, _) => None,
-        // Looked up by the customer user id itself: its owner is the profile locked.
-        (Some(_), None) => profile.as_ref().map(|s| s.profile.id),
-        (Some(_), Some(_)) => other_owner,
+    let customer_user_id_owner = match statements.profile {
+        Some((_, ProfileKey::CustomerUserId(_))) => profile.as_ref().map(|s| s.profile.id),
+        _ => other_owner,
     };
     Ok(Loaded {
         profile,

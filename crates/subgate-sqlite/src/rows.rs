@@ -203,40 +203,43 @@ pub(crate) const CHAIN_LOOKUP: &str = "SELECT rowid, profile_id, data FROM trans
      SELECT rowid, profile_id, data FROM transactions
          WHERE app_id = ?1 AND store = ?2 AND store_transaction_id = ?4";
 
-/// The rows [`CHAIN_LOOKUP`] finds for `chain`, each once, in rowid order (the order reads list
-/// transactions in): rowid, profile id, data.
-fn chain_rows(
+/// Runs [`CHAIN_LOOKUP`] for `chain`, handing `each` every row it finds (a row may come twice).
+fn for_each_chain_row(
     conn: &Connection,
     app_id: Uuid,
     chain: &ChainRef,
-) -> Result<Vec<(i64, Option<String>, StoredJson)>, StoreError> {
+    mut each: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<()>,
+) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(CHAIN_LOOKUP).map_err(storage)?;
     let mut rows = stmt
-        .query_map(
-            params![
-                app_id.to_string(),
-                chain.store,
-                chain.store_original_transaction_id,
-                chain.store_transaction_id
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .map_err(storage)?
-        .collect::<Result<Vec<_>, _>>()
+        .query(params![
+            app_id.to_string(),
+            chain.store,
+            chain.store_original_transaction_id,
+            chain.store_transaction_id
+        ])
         .map_err(storage)?;
-    rows.sort_unstable_by_key(|(rowid, ..)| *rowid);
-    rows.dedup_by_key(|(rowid, ..)| *rowid);
-    Ok(rows)
+    while let Some(row) = rows.next().map_err(storage)? {
+        each(row).map_err(storage)?;
+    }
+    Ok(())
 }
 
-/// A chain's transactions and the store transaction (see [`CHAIN_LOOKUP`]), in rowid order.
+/// A chain's transactions and the store transaction (see [`CHAIN_LOOKUP`]), each once, in
+/// rowid order (the order reads list transactions in).
 fn chain_transactions(
     conn: &Connection,
     app_id: Uuid,
     chain: &ChainRef,
 ) -> Result<Vec<Transaction>, StoreError> {
-    chain_rows(conn, app_id, chain)?
-        .into_iter()
+    let mut rows: Vec<(i64, Option<String>, StoredJson)> = Vec::new();
+    for_each_chain_row(conn, app_id, chain, |r| {
+        rows.push((r.get(0)?, r.get(1)?, r.get(2)?));
+        Ok(())
+    })?;
+    rows.sort_unstable_by_key(|(rowid, ..)| *rowid);
+    rows.dedup_by_key(|(rowid, ..)| *rowid);
+    rows.into_iter()
         .map(|(_, profile_id, data)| parse_transaction(profile_id, &data))
         .collect()
 }
@@ -306,7 +309,8 @@ pub fn read_write_pages(
 ) -> Result<(), StoreError> {
     let app = app_id.to_string();
     if let Some(chain) = chain {
-        chain_rows(conn, app_id, chain)?;
+        // Stepping through the rows reads their pages; nothing is copied out.
+        for_each_chain_row(conn, app_id, chain, |_| Ok(()))?;
     }
     if let Some(id) = profile_id {
         conn.prepare_cached("SELECT max(seq) FROM events WHERE app_id = ?1 AND profile_id = ?2")
