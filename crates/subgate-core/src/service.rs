@@ -441,7 +441,7 @@ impl Services {
             let mut events = EventBuilder::new(&app_for_decide, &next, now);
             events.transaction_recorded(previous, &recorded, &chain_before);
             events.access_changes(Some(before), None);
-            let events = events.finish();
+            let events = events.finish()?;
             Ok(Change::Save {
                 state: next,
                 transactions: changed,
@@ -483,7 +483,8 @@ impl Services {
                 seq: next.profile.version,
                 purchase: None,
             });
-            let events = access_events(&app_for_decide, before, &next, now, &input.access_level_id);
+            let events =
+                access_events(&app_for_decide, before, &next, now, &input.access_level_id)?;
             Ok(Change::Save {
                 state: next,
                 transactions: Vec::new(),
@@ -546,7 +547,7 @@ impl Services {
                 created_at: now,
                 seq: next.profile.version,
             });
-            let events = access_events(&app_for_decide, state, &next, now, level);
+            let events = access_events(&app_for_decide, state, &next, now, level)?;
             Ok(Change::Save {
                 state: next,
                 transactions: Vec::new(),
@@ -691,12 +692,12 @@ impl Services {
                 let chain_before: Vec<Transaction> = loaded.related.clone();
                 let mut builder = EventBuilder::new(&app_for_decide, &next, now);
                 builder.transaction_recorded(previous, &recorded, &chain_before);
-                events = builder.finish();
+                events = builder.finish()?;
                 transactions.push(recorded);
             }
             let mut builder = EventBuilder::new(&app_for_decide, &next, now);
             builder.access_changes(Some(before), Some(level));
-            events.extend(builder.finish());
+            events.extend(builder.finish()?);
             Ok(Change::Save {
                 state: next,
                 transactions,
@@ -757,12 +758,12 @@ impl Services {
                 replace_or_push(&mut next.transactions, &refunded);
                 let mut builder = EventBuilder::new(&app_for_decide, &next, now);
                 builder.transaction_recorded(Some(&previous), &refunded, &[]);
-                events = builder.finish();
+                events = builder.finish()?;
                 transactions.push(refunded);
             }
             let mut builder = EventBuilder::new(&app_for_decide, &next, now);
             builder.access_changes(Some(before), Some(level));
-            events.extend(builder.finish());
+            events.extend(builder.finish()?);
             Ok(Change::Save {
                 state: next,
                 transactions,
@@ -834,7 +835,7 @@ impl Services {
                 // Events see the profile with this purchase in it, and the chain before it.
                 let mut builder = EventBuilder::new(&app_for_decide, &next, now);
                 builder.transaction_recorded(previous.as_ref(), &recorded, &chain_so_far);
-                events.extend(builder.finish());
+                events.extend(builder.finish()?);
                 replace_or_push(&mut chain_so_far, &recorded);
                 changed.push(recorded);
             }
@@ -843,7 +844,7 @@ impl Services {
             }
             let mut builder = EventBuilder::new(&app_for_decide, &next, now);
             builder.access_changes(before.as_ref(), None);
-            events.extend(builder.finish());
+            events.extend(builder.finish()?);
             Ok(Change::Save {
                 state: next,
                 transactions: changed,
@@ -904,7 +905,7 @@ impl Services {
                     events.access_ended(level);
                 }
             }
-            let events = events.finish();
+            let events = events.finish()?;
             Ok(Change::Save {
                 state: next,
                 transactions: handled,
@@ -958,7 +959,7 @@ fn access_events(
     after: &ProfileState,
     now: DateTime<Utc>,
     level: &str,
-) -> Vec<NewEvent> {
+) -> Result<Vec<NewEvent>, ApiError> {
     let mut events = EventBuilder::new(app, after, now);
     events.access_changes(Some(before), Some(level));
     events.finish()

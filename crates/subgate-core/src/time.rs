@@ -159,7 +159,12 @@ pub fn format_v2_into<'a>(dt: &DateTime<Utc>, buf: &'a mut DateBuf) -> &'a str {
 
 /// v1 and webhook dates: `2020-02-21T16:30:34.000000+0000`.
 pub fn format_v1(dt: &DateTime<Utc>) -> String {
-    write_micros(dt, "+0000", &mut [0; 32]).to_owned()
+    format_v1_into(dt, &mut [0; 32]).to_owned()
+}
+
+/// [`format_v1`] into a caller's buffer, for serializers that need no `String`.
+pub fn format_v1_into<'a>(dt: &DateTime<Utc>, buf: &'a mut DateBuf) -> &'a str {
+    write_micros(dt, "+0000", buf)
 }
 
 /// Human form used inside error messages, as Adapty's examples show it.

@@ -954,7 +954,7 @@ mod tests {
                 profile_id: id,
                 environment: Environment::Production,
                 occurred_at: now,
-                payload: serde_json::json!({}),
+                payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
                 deliver: false,
             };
             Ok(Change::Save {

@@ -579,7 +579,7 @@ fn initial_state(e: &NewEvent) -> DeliveryState {
 }
 
 fn insert_event(conn: &Connection, app_id: Uuid, e: &NewEvent) -> Result<(), StoreError> {
-    let payload = to_json(&e.payload)?;
+    let payload = e.payload.get();
     let at = to_micros(&e.occurred_at);
     conn.prepare_cached(
         "INSERT INTO events (id, app_id, profile_id, event_type, environment, created_at, payload,
