@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_profile_transactions",
         include_str!("../migrations/0004_profile_transactions.sql"),
     ),
+    (
+        5,
+        "0005_lz4_documents",
+        include_str!("../migrations/0005_lz4_documents.sql"),
+    ),
 ];
 
 /// Any fixed number works; it only has to be the same on every node ("subgate" in ASCII).

@@ -530,4 +530,24 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
         .map(|r| r.get(0))
         .collect();
     assert_eq!(types, ["json", "json", "json"]);
+
+    // Migration 0005: LZ4 where the server has it (then this setting is accepted), else pglz.
+    let lz4 = pg
+        .batch_execute("SET default_toast_compression = lz4")
+        .await
+        .is_ok();
+    let methods: Vec<String> = pg
+        .query(
+            "SELECT attcompression::text FROM pg_attribute
+             WHERE (attrelid, attname) IN (('profiles'::regclass, 'doc'),
+                 ('profiles'::regclass, 'transactions'), ('transactions'::regclass, 'data'),
+                 ('events'::regclass, 'payload'))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(methods, [if lz4 { "l" } else { "" }; 4]);
 }
