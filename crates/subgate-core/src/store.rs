@@ -127,6 +127,7 @@ pub struct Counts {
     pub apps: u64,
     pub profiles: u64,
     pub transactions: u64,
+    pub events: u64,
 }
 
 /// A transaction no profile holds any more (its profile was deleted), with its app.
@@ -254,6 +255,13 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<DetachedTransaction>, StoreError>;
 
+    /// Every app's events ordered by `seq`, after `after_seq`.
+    async fn events_after(
+        &self,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
     // The event outbox and the expiry schedule, for the webhook worker and the event feed.
 
     /// Transactions whose period ended at or before `now` and is not dealt with yet.
@@ -309,4 +317,9 @@ pub trait Store: Send + Sync + 'static {
         profiles: Vec<ProfileState>,
         detached: Vec<DetachedTransaction>,
     ) -> Result<(), StoreError>;
+
+    /// Writes events exactly as given, `seq` and delivery state included (a feed's cursor
+    /// stays valid, a pending webhook is still sent), in one transaction, replacing events
+    /// with the same id. A worker's lease on an event is not carried over.
+    async fn import_events(&self, events: Vec<StoredEvent>) -> Result<(), StoreError>;
 }

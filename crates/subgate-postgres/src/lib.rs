@@ -497,4 +497,23 @@ impl Store for PgStore {
         rows::import(&tx, &profiles, &detached).await?;
         tx.commit().await.map_err(classify)
     }
+
+    async fn events_after(
+        &self,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        bounded("an event list", async {
+            let client = self.client().await?;
+            rows::events_after(&client, after_seq, limit).await
+        })
+        .await
+    }
+
+    async fn import_events(&self, events: Vec<StoredEvent>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        rows::import_events(&tx, &events).await?;
+        tx.commit().await.map_err(classify)
+    }
 }

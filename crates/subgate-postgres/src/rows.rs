@@ -628,7 +628,7 @@ pub async fn counts(client: &impl GenericClient) -> Result<Counts, StoreError> {
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM apps), (SELECT count(*) FROM profiles),
-                    (SELECT count(*) FROM transactions)",
+                    (SELECT count(*) FROM transactions), (SELECT count(*) FROM events)",
             &[],
         )
         .await
@@ -638,6 +638,7 @@ pub async fn counts(client: &impl GenericClient) -> Result<Counts, StoreError> {
         apps: count(0)?,
         profiles: count(1)?,
         transactions: count(2)?,
+        events: count(3)?,
     })
 }
 
@@ -929,6 +930,76 @@ pub async fn list_events(
         .await
         .map_err(classify)?;
     rows.iter().map(event_from).collect()
+}
+
+pub async fn events_after(
+    client: &impl GenericClient,
+    after_seq: Option<i64>,
+    limit: u32,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2");
+    let stmt = client.prepare_cached(&sql).await.map_err(classify)?;
+    let rows = client
+        .query(&stmt, &[&after_seq.unwrap_or(0), &i64::from(limit)])
+        .await
+        .map_err(classify)?;
+    rows.iter().map(event_from).collect()
+}
+
+/// See `Store::import_events`; `seq` is an identity column, which the insert overrides and
+/// whose sequence then moves past the largest `seq` written.
+pub async fn import_events(
+    client: &impl GenericClient,
+    events: &[StoredEvent],
+) -> Result<(), StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO events (seq, id, app_id, profile_id, event_type, environment, created_at,
+                 payload, state, attempts, last_status, last_error, next_attempt_at, delivered_at)
+             OVERRIDING SYSTEM VALUE
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+             ON CONFLICT (id) DO UPDATE SET app_id = excluded.app_id,
+                 profile_id = excluded.profile_id, event_type = excluded.event_type,
+                 environment = excluded.environment, created_at = excluded.created_at,
+                 payload = excluded.payload, state = excluded.state,
+                 attempts = excluded.attempts, last_status = excluded.last_status,
+                 last_error = excluded.last_error, next_attempt_at = excluded.next_attempt_at,
+                 delivered_at = excluded.delivered_at, lease_until = NULL",
+        )
+        .await
+        .map_err(classify)?;
+    for e in events {
+        client
+            .execute(
+                &stmt,
+                &[
+                    &e.seq,
+                    &e.id,
+                    &e.app_id,
+                    &e.profile_id,
+                    &e.event_type,
+                    &e.environment.as_str(),
+                    &e.created_at,
+                    &Json(&e.payload),
+                    &e.state.as_str(),
+                    &e.attempts,
+                    &e.last_status,
+                    &e.last_error,
+                    &e.next_attempt_at,
+                    &e.delivered_at,
+                ],
+            )
+            .await
+            .map_err(classify)?;
+    }
+    client
+        .execute(
+            "SELECT setval(pg_get_serial_sequence('events', 'seq'), max(seq)) FROM events",
+            &[],
+        )
+        .await
+        .map_err(classify)?;
+    Ok(())
 }
 
 pub async fn get_event(

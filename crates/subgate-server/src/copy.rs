@@ -1,6 +1,8 @@
 //! `subgate copy-store`: the upgrade path from one database to another (SQLite to PostgreSQL,
 //! or back). Rows are copied as they are (ids, versions, timestamps and transaction order), so
-//! every profile reads the same from both stores afterwards.
+//! every profile reads the same from both stores afterwards. Events keep their `seq` and
+//! delivery state: the feed's cursors stay valid, and webhooks still pending are sent by the
+//! new store's nodes.
 
 use anyhow::{bail, Context as _};
 use subgate_core::store::{Counts, Store};
@@ -15,22 +17,25 @@ pub struct CopyReport {
     pub profiles: u64,
     pub transactions: u64,
     pub detached_transactions: u64,
+    pub events: u64,
 }
 
-/// Copies everything `from` holds into `to`. Refuses a target that already holds profiles or
-/// transactions unless `overwrite` (then rows with the same keys are replaced).
+/// Copies everything `from` holds into `to`. Refuses a target that already holds profiles,
+/// transactions or events unless `overwrite` (then rows with the same keys are replaced; an
+/// event of the target whose `seq` a source event has fails the copy).
 pub async fn copy_store(
     from: &dyn Store,
     to: &dyn Store,
     overwrite: bool,
 ) -> anyhow::Result<CopyReport> {
     let before = to.counts().await.context("counting the target's rows")?;
-    if (before.profiles > 0 || before.transactions > 0) && !overwrite {
+    if (before.profiles > 0 || before.transactions > 0 || before.events > 0) && !overwrite {
         bail!(
-            "the target already holds {} profiles and {} transactions; pass --overwrite to copy \
-             into it anyway (rows with the same keys are replaced)",
+            "the target already holds {} profiles, {} transactions and {} events; pass \
+             --overwrite to copy into it anyway (rows with the same keys are replaced)",
             before.profiles,
-            before.transactions
+            before.transactions,
+            before.events
         );
     }
     let source = from.counts().await.context("counting the source's rows")?;
@@ -72,18 +77,36 @@ pub async fn copy_store(
             .context("writing detached transactions")?;
     }
 
+    let mut after = None;
+    loop {
+        let page = from
+            .events_after(after, PAGE)
+            .await
+            .context("reading events")?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        report.events += page.len() as u64;
+        to.import_events(page).await.context("writing events")?;
+    }
+
     to.after_bulk_load()
         .await
         .context("refreshing the target's statistics")?;
     let copied = report.transactions + report.detached_transactions;
-    if report.profiles != source.profiles || copied != source.transactions {
+    if report.profiles != source.profiles
+        || copied != source.transactions
+        || report.events != source.events
+    {
         bail!(
-            "the source changed during the copy (it had {} profiles and {} transactions, {} and {} \
-             were copied); stop every node writing to it and copy again with --overwrite",
+            "the source changed during the copy (it had {} profiles, {} transactions and {} \
+             events; {}, {} and {} were copied); stop every node writing to it and copy again \
+             with --overwrite",
             source.profiles,
             source.transactions,
+            source.events,
             report.profiles,
-            copied
+            copied,
+            report.events
         );
     }
     if !overwrite {
@@ -92,6 +115,7 @@ pub async fn copy_store(
             apps: after.apps,
             profiles: source.profiles,
             transactions: source.transactions,
+            events: source.events,
         };
         if after != expected {
             bail!("the target holds {after:?} after the copy, expected {expected:?}");

@@ -269,11 +269,13 @@ async fn copy_store(from: &str, to: &str, overwrite: bool) -> anyhow::Result<()>
         .context("opening the target")?;
     let report = subgate_server::copy::copy_store(&*source, &*target, overwrite).await?;
     println!(
-        "Copied {} apps, {} profiles, {} transactions and {} detached transactions from {} to {}.",
+        "Copied {} apps, {} profiles, {} transactions, {} detached transactions and {} events \
+         from {} to {}.",
         report.apps,
         report.profiles,
         report.transactions,
         report.detached_transactions,
+        report.events,
         redact(from),
         redact(to)
     );

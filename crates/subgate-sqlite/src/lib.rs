@@ -478,6 +478,20 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn import_events(&self, events: Vec<StoredEvent>) -> Result<(), StoreError> {
+        self.exec_job(move |conn| rows::import_events(conn, &events), false)
+            .await
+    }
+
+    async fn events_after(
+        &self,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(move |conn| rows::events_after(conn, after_seq, limit))
+            .await
+    }
+
     async fn after_bulk_load(&self) -> Result<(), StoreError> {
         // The bundled SQLite keeps STAT4 samples, and with samples present every statement
         // whose plan could depend on a bound value is compiled again on each new value: a

@@ -706,7 +706,7 @@ pub fn put_apps(conn: &Connection, apps: &[AppDefinition]) -> Result<(), StoreEr
 pub fn counts(conn: &Connection) -> Result<Counts, StoreError> {
     conn.query_row(
         "SELECT (SELECT count(*) FROM apps), (SELECT count(*) FROM profiles),
-                (SELECT count(*) FROM transactions)",
+                (SELECT count(*) FROM transactions), (SELECT count(*) FROM events)",
         [],
         |r| {
             let count = |i| r.get::<_, i64>(i).map(|n| n.max(0) as u64);
@@ -714,6 +714,7 @@ pub fn counts(conn: &Connection) -> Result<Counts, StoreError> {
                 apps: count(0)?,
                 profiles: count(1)?,
                 transactions: count(2)?,
+                events: count(3)?,
             })
         },
     )
@@ -1001,6 +1002,57 @@ pub fn list_events(
             limit
         ],
     )
+}
+
+pub fn events_after(
+    conn: &Connection,
+    after_seq: Option<i64>,
+    limit: u32,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))
+        .map_err(storage)?;
+    collect_events(&mut stmt, params![after_seq.unwrap_or(0), limit])
+}
+
+/// See `Store::import_events`. AUTOINCREMENT moves past the largest `seq` written.
+pub fn import_events(conn: &Connection, events: &[StoredEvent]) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO events (seq, id, app_id, profile_id, event_type, environment, created_at,
+                 payload, state, attempts, last_status, last_error, next_attempt_at, delivered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT (id) DO UPDATE SET app_id = excluded.app_id,
+                 profile_id = excluded.profile_id, event_type = excluded.event_type,
+                 environment = excluded.environment, created_at = excluded.created_at,
+                 payload = excluded.payload, state = excluded.state,
+                 attempts = excluded.attempts, last_status = excluded.last_status,
+                 last_error = excluded.last_error, next_attempt_at = excluded.next_attempt_at,
+                 delivered_at = excluded.delivered_at, lease_until = NULL",
+        )
+        .map_err(storage)?;
+    for e in events {
+        stmt.execute(params![
+            e.seq,
+            e.id.to_string(),
+            e.app_id.to_string(),
+            e.profile_id.to_string(),
+            e.event_type,
+            e.environment.as_str(),
+            to_micros(&e.created_at),
+            to_json(&e.payload)?,
+            e.state.as_str(),
+            e.attempts,
+            e.last_status,
+            e.last_error,
+            e.next_attempt_at.map(|t| to_micros(&t)),
+            e.delivered_at.map(|t| to_micros(&t)),
+        ])
+        .map_err(storage)?;
+    }
+    Ok(())
 }
 
 pub fn get_event(

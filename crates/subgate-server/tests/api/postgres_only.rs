@@ -352,6 +352,20 @@ async fn seed(s: &TestServer) {
     assert_eq!(status, 204);
 }
 
+async fn event_feed(s: &TestServer) -> serde_json::Value {
+    let (status, body) = s
+        .send(
+            Method::GET,
+            "/api/subgate/v1/events/",
+            Some(SECRET),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 fn copy_store(from: &str, to: &str, overwrite: bool) -> std::process::Output {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_subgate"));
     command.args(["copy-store", "--from", from, "--to", to]);
@@ -390,7 +404,9 @@ async fn copy_store_moves_a_sqlite_install_to_postgres() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("5 profiles") && stdout.contains("1 detached transactions"),
+        stdout.contains("5 profiles")
+            && stdout.contains("1 detached transactions")
+            && !stdout.contains(" 0 events"),
         "{stdout}"
     );
 
@@ -430,6 +446,10 @@ async fn copy_store_moves_a_sqlite_install_to_postgres() {
         compared += 1;
     }
     assert_eq!(compared, 5);
+    // The event feed came along, cursors included.
+    let (a, b) = (event_feed(&sqlite).await, event_feed(&postgres).await);
+    assert!(a["data"].as_array().is_some_and(|e| e.len() > 5), "{a}");
+    assert_eq!(a, b);
     // The deleted user's history came along, detached: posting it again on PostgreSQL brings
     // it back exactly as it would on SQLite.
     for s in [&sqlite, &postgres] {

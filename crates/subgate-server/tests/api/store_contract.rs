@@ -7,13 +7,14 @@ use chrono::Duration;
 use futures_util::future::join_all;
 use std::sync::Arc;
 use subgate_core::error::ApiError;
+use subgate_core::events::{EventType, NewEvent};
 use subgate_core::model::{
     AppDefinition, AttributeValue, Environment, Price, Profile, ProfileDoc, ProfileKey,
     ProfileState, PurchaseType, Transaction,
 };
 use subgate_core::store::{
-    ChainRef, Change, Counts, Decide, DetachedTransaction, Loaded, Lookup, Outcome, Store,
-    WriteError,
+    ChainRef, Change, Counts, Decide, DeliveryResult, DeliveryState, DetachedTransaction, Loaded,
+    Lookup, Outcome, Store, WriteError,
 };
 use subgate_server::config::DatabaseSettings;
 use uuid::Uuid;
@@ -232,7 +233,8 @@ async fn writes_read_back_and_rejections_change_nothing(backend: Backend) {
         Counts {
             apps: 1,
             profiles: 1,
-            transactions: 2
+            transactions: 2,
+            events: 0
         }
     );
 }
@@ -541,7 +543,142 @@ async fn a_postgres_write_cancelled_mid_transaction_commits_nothing() {
     assert_eq!(*alice, before, "the cancelled write was committed");
 }
 
+/// Writes `count` events onto `cuid`'s profile (created if missing), for a webhook if
+/// `deliver`.
+async fn add_events(store: &dyn Store, cuid: &str, count: usize, deliver: bool) {
+    let cuid_owned = cuid.to_string();
+    store
+        .write(
+            APP,
+            by_cuid(cuid),
+            decide(move |loaded| {
+                let state = next(loaded, &cuid_owned);
+                let events = (0..count)
+                    .map(|i| NewEvent {
+                        id: Uuid::now_v7(),
+                        event_type: EventType::AccessLevelUpdated,
+                        profile_id: state.profile.id,
+                        environment: Environment::Production,
+                        occurred_at: start_of_test_time(),
+                        payload: serde_json::value::to_raw_value(
+                            &serde_json::json!({"n": i, "cuid": cuid_owned}),
+                        )
+                        .unwrap(),
+                        deliver,
+                    })
+                    .collect();
+                Ok(Change::Save {
+                    state,
+                    transactions: Vec::new(),
+                    events,
+                })
+            }),
+        )
+        .await
+        .unwrap();
+}
+
+/// `copy-store`'s events: read in `seq` order across the store, written into a store of the
+/// other kind with their `seq` and delivery state. A webhook still pending there is claimed by
+/// the new store's worker, and its next event comes after the copied ones.
+async fn events_copy_with_their_order_and_delivery_state(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    add_events(&*store, "hooked", 3, true).await;
+    add_events(&*store, "quiet", 1, false).await;
+    let now = start_of_test_time();
+    // The first is delivered; the second fails once and waits for its retry; the third
+    // waits behind it.
+    let claimed = store
+        .claim_events(now, now + Duration::seconds(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let result = |state, status, error: Option<&str>, retry: Option<Duration>| DeliveryResult {
+        state,
+        status,
+        error: error.map(String::from),
+        next_attempt_at: retry.map(|r| now + r),
+        at: now,
+        attempted: true,
+    };
+    store
+        .finish_deliveries(vec![(
+            claimed[0].id,
+            result(DeliveryState::Delivered, Some(200), None, None),
+        )])
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_events(now, now + Duration::seconds(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    store
+        .finish_deliveries(vec![(
+            claimed[0].id,
+            result(
+                DeliveryState::Pending,
+                None,
+                Some("connection refused"),
+                Some(Duration::minutes(1)),
+            ),
+        )])
+        .await
+        .unwrap();
+
+    let mut events = store.events_after(None, 3).await.unwrap();
+    let rest = store
+        .events_after(events.last().map(|e| e.seq), 3)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    events.extend(rest);
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    let states: Vec<_> = events.iter().map(|e| (e.state, e.attempts)).collect();
+    assert_eq!(
+        states,
+        [
+            (DeliveryState::Delivered, 1),
+            (DeliveryState::Pending, 1),
+            (DeliveryState::Pending, 0),
+            (DeliveryState::NoEndpoint, 0)
+        ]
+    );
+
+    let other_backend = match backend {
+        Backend::Sqlite => Backend::Postgres,
+        Backend::Postgres => Backend::Sqlite,
+    };
+    let other_db = TestDb::new(other_backend).await;
+    let other = open(&other_db).await;
+    other
+        .import(store.profiles_after(None, 10).await.unwrap(), Vec::new())
+        .await
+        .unwrap();
+    // Later pages first: a store numbering imported events itself would list them out of
+    // their order.
+    other.import_events(events[2..].to_vec()).await.unwrap();
+    other.import_events(events[..2].to_vec()).await.unwrap();
+    assert_eq!(other.events_after(None, 10).await.unwrap(), events);
+    // Again (`--overwrite`): replaced, not doubled.
+    other.import_events(events.clone()).await.unwrap();
+    assert_eq!(other.counts().await.unwrap(), store.counts().await.unwrap());
+
+    let due = other
+        .claim_events(now + Duration::minutes(2), now + Duration::minutes(3), 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].id, events[1].id);
+    add_events(&*other, "quiet", 1, false).await;
+    let after = other.events_after(None, 10).await.unwrap();
+    assert_eq!(after.len(), 5);
+    assert!(after[4].seq > events[3].seq, "{after:?}");
+}
+
 on_every_backend!(
+    events_copy_with_their_order_and_delivery_state,
     an_import_moving_a_transaction_leaves_no_copy_behind,
     writes_read_back_and_rejections_change_nothing,
     lookups_report_owners_chains_and_detached_history,
