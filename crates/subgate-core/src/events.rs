@@ -7,7 +7,7 @@
 use crate::access::{self, AccessLevelView};
 use crate::error::{ApiError, ErrorCode};
 use crate::model::{App, AttributeValue, Environment, ProfileState, PurchaseType, Transaction};
-use crate::time::format_v1_into;
+use crate::time::V1Date;
 use chrono::{DateTime, Utc};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -77,18 +77,6 @@ pub fn is_trial(t: &Transaction) -> bool {
 
 fn money(micros: i64) -> f64 {
     micros as f64 / 1_000_000.0
-}
-
-/// An instant as webhook payloads write it, or null.
-struct V1Date(Option<DateTime<Utc>>);
-
-impl Serialize for V1Date {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match &self.0 {
-            Some(t) => serializer.serialize_str(format_v1_into(t, &mut [0; 32])),
-            None => serializer.serialize_none(),
-        }
-    }
 }
 
 /// `{}`.

@@ -147,24 +147,48 @@ pub mod stored {
     }
 }
 
+const V2_OFFSET: &str = "+00:00";
+const V1_OFFSET: &str = "+0000";
+
 /// v2 dates: `2024-12-24T10:50:23.000000+00:00`.
 pub fn format_v2(dt: &DateTime<Utc>) -> String {
-    format_v2_into(dt, &mut [0; 32]).to_owned()
-}
-
-/// [`format_v2`] into a caller's buffer, for serializers that need no `String`.
-pub fn format_v2_into<'a>(dt: &DateTime<Utc>, buf: &'a mut DateBuf) -> &'a str {
-    write_micros(dt, "+00:00", buf)
+    write_micros(dt, V2_OFFSET, &mut [0; 32]).to_owned()
 }
 
 /// v1 and webhook dates: `2020-02-21T16:30:34.000000+0000`.
 pub fn format_v1(dt: &DateTime<Utc>) -> String {
-    format_v1_into(dt, &mut [0; 32]).to_owned()
+    write_micros(dt, V1_OFFSET, &mut [0; 32]).to_owned()
 }
 
-/// [`format_v1`] into a caller's buffer, for serializers that need no `String`.
-pub fn format_v1_into<'a>(dt: &DateTime<Utc>, buf: &'a mut DateBuf) -> &'a str {
-    write_micros(dt, "+0000", buf)
+/// Serializes as [`format_v2`] writes, or null, with no `String` in between: responses and
+/// payloads are serialized straight from borrowed views (through `serde_json::Value`, a map
+/// per object and a `String` per key, a quarter of a profile read's CPU went).
+pub struct V2Date(pub Option<DateTime<Utc>>);
+
+/// Serializes as [`format_v1`] writes, or null (see [`V2Date`]).
+pub struct V1Date(pub Option<DateTime<Utc>>);
+
+fn serialize_date<S: serde::Serializer>(
+    dt: &Option<DateTime<Utc>>,
+    offset: &str,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match dt {
+        Some(dt) => serializer.serialize_str(write_micros(dt, offset, &mut [0; 32])),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl serde::Serialize for V2Date {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_date(&self.0, V2_OFFSET, serializer)
+    }
+}
+
+impl serde::Serialize for V1Date {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_date(&self.0, V1_OFFSET, serializer)
+    }
 }
 
 /// Human form used inside error messages, as Adapty's examples show it.

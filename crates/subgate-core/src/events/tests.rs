@@ -45,6 +45,15 @@ fn trial(id: &str) -> Transaction {
     }
 }
 
+/// `t` refunded on day 5.
+fn refund_of(t: &Transaction) -> Transaction {
+    Transaction {
+        refunded_at: Some(at(5)),
+        cancellation_reason: Some("refund".into()),
+        ..t.clone()
+    }
+}
+
 #[test]
 fn first_purchase_renewal_and_repost() {
     let s1 = sub("s1", 1, 1, 20);
@@ -90,11 +99,7 @@ fn trials_convert_and_cancellations_follow_the_offer() {
 #[test]
 fn refunds_billing_issues_and_payload_shape() {
     let s1 = sub("s1", 1, 1, 20);
-    let refunded = Transaction {
-        refunded_at: Some(at(5)),
-        cancellation_reason: Some("refund".into()),
-        ..s1.clone()
-    };
+    let refunded = refund_of(&s1);
     let events = record(vec![s1.clone()], Some(&s1), refunded, 6);
     assert_eq!(
         types(&events),
@@ -161,11 +166,7 @@ fn expiry_names_the_reason() {
 #[test]
 fn payloads_name_each_key_once() {
     let s1 = sub("s1", 1, 1, 20);
-    let refunded = Transaction {
-        refunded_at: Some(at(5)),
-        cancellation_reason: Some("refund".into()),
-        ..s1.clone()
-    };
+    let refunded = refund_of(&s1);
     let events = record(vec![s1.clone()], Some(&s1), refunded, 6);
     let level = payload(&events[1]);
     assert_eq!(level["event_properties"]["transaction_id"], "s1");

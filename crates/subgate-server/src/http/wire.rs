@@ -13,27 +13,13 @@ use subgate_core::model::{
     App, AttributeValue, Grant, Offer, ProductKind, ProfileState, PurchaseType, Transaction,
     GRANT_PRODUCT_ID, GRANT_STORE,
 };
-use subgate_core::time::format_v2_into;
+use subgate_core::time::V2Date;
 use uuid::Uuid;
 
 pub(crate) fn attribute_value(v: &AttributeValue) -> Value {
     match v {
         AttributeValue::Number(n) => json!(n),
         AttributeValue::Text(s) => json!(s),
-    }
-}
-
-/// A v2 date, or null. The response is serialized straight from these borrowed views: going
-/// through `serde_json::Value` (a map per object, a string per key) was a quarter of a profile
-/// read's CPU.
-struct V2Date(Option<DateTime<Utc>>);
-
-impl Serialize for V2Date {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match &self.0 {
-            Some(d) => s.serialize_str(format_v2_into(d, &mut [0; 32])),
-            None => s.serialize_none(),
-        }
     }
 }
 

@@ -276,6 +276,21 @@ impl TestServer {
         .await
     }
 
+    /// The event feed (`query` starts with `?`, or is empty), which must answer 200.
+    pub async fn event_feed(&self, query: &str) -> Value {
+        let (status, body) = self
+            .send(
+                Method::GET,
+                &format!("/api/subgate/v1/events/{query}"),
+                Some(SECRET),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     pub async fn transaction(&self, cuid: &str, body: Value) -> Value {
         let (status, resp) = self.post(SET_TRANSACTION, cuid, body).await;
         assert_eq!(status, 200, "{resp}");

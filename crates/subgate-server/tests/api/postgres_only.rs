@@ -352,20 +352,6 @@ async fn seed(s: &TestServer) {
     assert_eq!(status, 204);
 }
 
-async fn event_feed(s: &TestServer) -> serde_json::Value {
-    let (status, body) = s
-        .send(
-            Method::GET,
-            "/api/subgate/v1/events/",
-            Some(SECRET),
-            &[],
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 fn copy_store(from: &str, to: &str, overwrite: bool) -> std::process::Output {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_subgate"));
     command.args(["copy-store", "--from", from, "--to", to]);
@@ -447,7 +433,7 @@ async fn copy_store_moves_a_sqlite_install_to_postgres() {
     }
     assert_eq!(compared, 5);
     // The event feed came along, cursors included.
-    let (a, b) = (event_feed(&sqlite).await, event_feed(&postgres).await);
+    let (a, b) = (sqlite.event_feed("").await, postgres.event_feed("").await);
     assert!(a["data"].as_array().is_some_and(|e| e.len() > 5), "{a}");
     assert_eq!(a, b);
     // The deleted user's history came along, detached: posting it again on PostgreSQL brings
@@ -536,19 +522,14 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
         before["non_subscriptions"].as_array().map(Vec::len),
         Some(1)
     );
-    let types: Vec<String> = pg
-        .query(
-            "SELECT data_type FROM information_schema.columns
-             WHERE table_schema = current_schema()
-               AND (table_name, column_name) IN
-                   (('profiles', 'doc'), ('transactions', 'data'), ('events', 'payload'))",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let types = strings(
+        &pg,
+        "SELECT data_type FROM information_schema.columns
+         WHERE table_schema = current_schema()
+           AND (table_name, column_name) IN
+               (('profiles', 'doc'), ('transactions', 'data'), ('events', 'payload'))",
+    )
+    .await;
     assert_eq!(types, ["json", "json", "json"]);
 
     // Migration 0005: LZ4 where the server has it (then this setting is accepted), else pglz.
@@ -556,18 +537,23 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
         .batch_execute("SET default_toast_compression = lz4")
         .await
         .is_ok();
-    let methods: Vec<String> = pg
-        .query(
-            "SELECT attcompression::text FROM pg_attribute
-             WHERE (attrelid, attname) IN (('profiles'::regclass, 'doc'),
-                 ('profiles'::regclass, 'transactions'), ('transactions'::regclass, 'data'),
-                 ('events'::regclass, 'payload'))",
-            &[],
-        )
+    let methods = strings(
+        &pg,
+        "SELECT attcompression::text FROM pg_attribute
+         WHERE (attrelid, attname) IN (('profiles'::regclass, 'doc'),
+             ('profiles'::regclass, 'transactions'), ('transactions'::regclass, 'data'),
+             ('events'::regclass, 'payload'))",
+    )
+    .await;
+    assert_eq!(methods, [if lz4 { "l" } else { "" }; 4]);
+}
+
+/// The first column of every row `sql` returns.
+async fn strings(pg: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    pg.query(sql, &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
-        .collect();
-    assert_eq!(methods, [if lz4 { "l" } else { "" }; 4]);
+        .collect()
 }

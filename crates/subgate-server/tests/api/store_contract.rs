@@ -122,6 +122,14 @@ fn next(loaded: &Loaded, cuid: &str) -> ProfileState {
     }
 }
 
+/// The backend a copy test copies into.
+fn other_kind(backend: Backend) -> Backend {
+    match backend {
+        Backend::Sqlite => Backend::Postgres,
+        Backend::Postgres => Backend::Sqlite,
+    }
+}
+
 fn decide(f: impl Fn(&Loaded) -> Result<Change, ApiError> + Send + Sync + 'static) -> Decide {
     Box::new(f)
 }
@@ -421,11 +429,7 @@ async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
     assert_eq!(detached.len(), 2);
 
     // Into a fresh store of the other kind, and back.
-    let other_backend = match backend {
-        Backend::Sqlite => Backend::Postgres,
-        Backend::Postgres => Backend::Sqlite,
-    };
-    let other_db = TestDb::new(other_backend).await;
+    let other_db = TestDb::new(other_kind(backend)).await;
     let other = open(&other_db).await;
     other
         .import(profiles.clone(), detached.clone())
@@ -646,11 +650,7 @@ async fn events_copy_with_their_order_and_delivery_state(backend: Backend) {
         ]
     );
 
-    let other_backend = match backend {
-        Backend::Sqlite => Backend::Postgres,
-        Backend::Postgres => Backend::Sqlite,
-    };
-    let other_db = TestDb::new(other_backend).await;
+    let other_db = TestDb::new(other_kind(backend)).await;
     let other = open(&other_db).await;
     other
         .import(store.profiles_after(None, 10).await.unwrap(), Vec::new())

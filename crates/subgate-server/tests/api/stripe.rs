@@ -254,19 +254,7 @@ async fn stripe_purchases_import_once_with_their_history(backend: Backend) {
     assert_eq!(subs[0]["environment"], "Sandbox");
     assert!(is_active(&p, "premium", s.now()));
     assert_eq!(p["total_revenue_usd"], 9.99);
-    let events = s
-        .send(
-            Method::GET,
-            "/api/subgate/v1/events/",
-            Some(SECRET),
-            &[],
-            None,
-        )
-        .await
-        .1["data"]
-        .as_array()
-        .unwrap()
-        .len();
+    let events = s.event_feed("").await["data"].as_array().unwrap().len();
     assert_eq!(events, 2, "subscription_started and access_level_updated");
 
     // Validating again changes nothing.

@@ -396,20 +396,6 @@ async fn expiry_events_fire_when_the_time_passes(backend: Backend) {
     receiver.exactly(seen).await;
 }
 
-async fn feed(s: &TestServer, query: &str) -> Value {
-    let (status, body) = s
-        .send(
-            Method::GET,
-            &format!("/api/subgate/v1/events/{query}"),
-            Some(SECRET),
-            &[],
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 async fn wait_for_state(s: &TestServer, id: &str, state: &str, attempts: i64) -> Value {
     let deadline = std::time::Instant::now() + StdDuration::from_secs(20);
     loop {
@@ -454,7 +440,7 @@ async fn failed_deliveries_are_retried_on_schedule_and_never_dropped(backend: Ba
     ]);
     grant_for(&s, "r").await;
     receiver.wait_for(1).await;
-    let events = feed(&s, "?customer_user_id=r").await;
+    let events = s.event_feed("?customer_user_id=r").await;
     let id = events["data"][0]["id"].as_str().unwrap().to_string();
     let event = wait_for_state(&s, &id, "pending", 1).await;
     assert_eq!(event["delivery"]["last_status"], 500);
@@ -477,7 +463,7 @@ async fn failed_deliveries_are_retried_on_schedule_and_never_dropped(backend: Ba
     // 404 counts as done: no retry.
     receiver.script(&[Answer::Status(404)]);
     grant_for(&s, "r").await;
-    let events = feed(&s, "?customer_user_id=r").await;
+    let events = s.event_feed("?customer_user_id=r").await;
     let id = events["data"][1]["id"].as_str().unwrap().to_string();
     let event = wait_for_state(&s, &id, "delivered", 1).await;
     assert_eq!(event["delivery"]["last_status"], 404);
@@ -491,7 +477,7 @@ async fn failed_deliveries_are_retried_on_schedule_and_never_dropped(backend: Ba
         Answer::Status(500),
     ]);
     grant_for(&s, "r").await;
-    let events = feed(&s, "?customer_user_id=r").await;
+    let events = s.event_feed("?customer_user_id=r").await;
     let id = events["data"][2]["id"].as_str().unwrap().to_string();
     wait_for_state(&s, &id, "pending", 1).await;
     s.advance(Duration::seconds(60));
@@ -539,7 +525,7 @@ async fn a_profiles_events_arrive_in_the_order_they_happened(backend: Backend) {
         .filter(|r| r.body["customer_user_id"] == "ordered")
         .map(|r| r.event_id())
         .collect();
-    let events = feed(&s, "?customer_user_id=ordered").await;
+    let events = s.event_feed("?customer_user_id=ordered").await;
     let created: Vec<&str> = events["data"]
         .as_array()
         .unwrap()
@@ -563,13 +549,13 @@ async fn the_event_feed_pages_filters_and_guards(backend: Backend) {
     for cuid in ["a", "b", "a", "b", "a"] {
         grant_for(&s, cuid).await;
     }
-    let page = feed(&s, "?limit=2").await;
+    let page = s.event_feed("?limit=2").await;
     assert_eq!(page["data"].as_array().unwrap().len(), 2);
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
-    let rest = feed(&s, &format!("?limit=10&cursor={cursor}")).await;
+    let rest = s.event_feed(&format!("?limit=10&cursor={cursor}")).await;
     assert_eq!(rest["data"].as_array().unwrap().len(), 3);
     assert_eq!(rest["next_cursor"], Value::Null);
-    let only_a = feed(&s, "?customer_user_id=a").await;
+    let only_a = s.event_feed("?customer_user_id=a").await;
     let events = only_a["data"].as_array().unwrap();
     assert_eq!(events.len(), 3);
     let profile_id = events[0]["profile_id"].as_str().unwrap();
@@ -577,7 +563,7 @@ async fn the_event_feed_pages_filters_and_guards(backend: Backend) {
     assert!(events
         .iter()
         .all(|e| e["event_type"] == "access_level_updated"));
-    let by_id = feed(&s, &format!("?profile_id={profile_id}")).await;
+    let by_id = s.event_feed(&format!("?profile_id={profile_id}")).await;
     let ids = |page: &Value| -> Vec<Value> {
         page["data"]
             .as_array()
