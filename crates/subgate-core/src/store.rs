@@ -306,6 +306,16 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Option<StoredEvent>, StoreError>;
 
+    /// Deletes up to `limit` of the oldest settled events (delivered, failed or without an
+    /// endpoint; never a pending one) created before `before`; answers how many it deleted.
+    /// It stops at the first event, in `seq` order, created at or after `before`, so a sweep
+    /// reads the old events it deletes and little else.
+    async fn delete_settled_events(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+
     /// After a bulk import: refresh the planner's statistics (and, on SQLite, fold the
     /// write-ahead log into the database), so the first requests do not pay for it.
     async fn after_bulk_load(&self) -> Result<(), StoreError>;

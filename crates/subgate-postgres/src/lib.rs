@@ -510,6 +510,18 @@ impl Store for PgStore {
         .await
     }
 
+    async fn delete_settled_events(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        bounded("deleting old events", async {
+            let client = self.client().await?;
+            rows::delete_settled_events(&client, before, limit).await
+        })
+        .await
+    }
+
     async fn import_events(&self, events: Vec<StoredEvent>) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(classify)?;

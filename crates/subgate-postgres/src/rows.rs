@@ -1002,6 +1002,31 @@ pub async fn import_events(
     Ok(())
 }
 
+pub async fn delete_settled_events(
+    client: &impl GenericClient,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    // SKIP LOCKED: nodes sweeping at once delete different events, without waiting.
+    let stmt = client
+        .prepare_cached(
+            "DELETE FROM events WHERE seq IN (
+                 SELECT seq FROM events
+                 WHERE seq < coalesce(
+                         (SELECT seq FROM events WHERE created_at >= $1 ORDER BY seq LIMIT 1),
+                         9223372036854775807)
+                   AND state <> 'pending'
+                 ORDER BY seq LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .await
+        .map_err(classify)?;
+    client
+        .execute(&stmt, &[&before, &i64::from(limit)])
+        .await
+        .map_err(classify)
+}
+
 pub async fn get_event(
     client: &impl GenericClient,
     app_id: Uuid,

@@ -31,6 +31,17 @@ pub struct Settings {
     pub apps: Vec<AppSettings>,
     #[serde(default)]
     pub webhooks: WebhooksSettings,
+    #[serde(default)]
+    pub events: EventsSettings,
+}
+
+/// The event outbox and feed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventsSettings {
+    /// Settled events (delivered, failed, or of an app without a webhook) older than this
+    /// many days are deleted; pending ones never are. Unset: every event is kept.
+    #[serde(default)]
+    pub retention_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -321,6 +332,7 @@ impl Settings {
             currency_rates: HashMap::new(),
             apps: Vec::new(),
             webhooks: WebhooksSettings::default(),
+            events: EventsSettings::default(),
         }
     }
 
@@ -328,6 +340,9 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.server.worker_threads == Some(0) {
             bail!("server.worker_threads must be at least 1");
+        }
+        if self.events.retention_days == Some(0) {
+            bail!("events.retention_days must be at least 1 (leave it out to keep every event)");
         }
         let mut keys = HashSet::new();
         let mut ids = HashSet::new();

@@ -24,6 +24,10 @@ use uuid::Uuid;
 const BATCH: u32 = 256;
 /// Expired periods dealt with per round.
 const EXPIRY_BATCH: u32 = 100;
+/// Old events deleted per statement: short enough not to hold SQLite's writer long.
+const SWEEP_BATCH: u32 = 1_000;
+/// Between two retention sweeps that found nothing more to delete, in the clock's time.
+const SWEEP_EVERY: TimeDelta = TimeDelta::hours(1);
 
 /// An app's webhook endpoint, ready to use.
 #[derive(Clone)]
@@ -105,6 +109,10 @@ pub struct Worker {
     retry_delays: Vec<TimeDelta>,
     timeout: Duration,
     poll: Duration,
+    /// `events.retention_days`, if set.
+    retention: Option<TimeDelta>,
+    /// When the next retention sweep is due (none yet: at once).
+    next_sweep: std::sync::Mutex<Option<DateTime<Utc>>>,
 }
 
 impl Worker {
@@ -134,6 +142,11 @@ impl Worker {
                 .collect(),
             timeout,
             poll: Duration::from_millis(settings.webhooks.poll_interval_ms.max(1)),
+            retention: settings
+                .events
+                .retention_days
+                .map(|days| TimeDelta::days(i64::from(days))),
+            next_sweep: std::sync::Mutex::new(None),
         })
     }
 
@@ -201,7 +214,43 @@ impl Worker {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "event claim failed"),
         }
+        if let Some(retention) = self.retention {
+            busy |= self.sweep(now, retention).await;
+        }
         busy
+    }
+
+    /// Deletes a batch of settled events older than `retention`, once per [`SWEEP_EVERY`],
+    /// or again at once while batches come back full; whether more may be waiting.
+    async fn sweep(&self, now: DateTime<Utc>, retention: TimeDelta) -> bool {
+        let next_sweep = || {
+            self.next_sweep
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if next_sweep().is_some_and(|due| now < due) {
+            return false;
+        }
+        let (more, next) = match self
+            .services
+            .store
+            .delete_settled_events(now - retention, SWEEP_BATCH)
+            .await
+        {
+            Ok(deleted) => {
+                if deleted > 0 {
+                    tracing::info!(deleted, "deleted settled events past their retention");
+                }
+                let more = deleted == u64::from(SWEEP_BATCH);
+                (more, if more { None } else { Some(now + SWEEP_EVERY) })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting old events failed; will retry");
+                (false, Some(now + TimeDelta::minutes(1)))
+            }
+        };
+        *next_sweep() = next;
+        more
     }
 
     async fn deliver(&self, event: &StoredEvent) -> DeliveryResult {

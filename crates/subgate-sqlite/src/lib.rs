@@ -478,6 +478,18 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn delete_settled_events(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.exec_job(
+            move |conn| rows::delete_settled_events(conn, before, limit),
+            false,
+        )
+        .await
+    }
+
     async fn import_events(&self, events: Vec<StoredEvent>) -> Result<(), StoreError> {
         self.exec_job(move |conn| rows::import_events(conn, &events), false)
             .await

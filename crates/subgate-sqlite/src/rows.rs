@@ -1055,6 +1055,25 @@ pub fn import_events(conn: &Connection, events: &[StoredEvent]) -> Result<(), St
     Ok(())
 }
 
+pub fn delete_settled_events(
+    conn: &Connection,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM events WHERE seq IN (
+             SELECT seq FROM events
+             WHERE seq < coalesce(
+                     (SELECT seq FROM events WHERE created_at >= ?1 ORDER BY seq LIMIT 1),
+                     9223372036854775807)
+               AND state <> 'pending'
+             ORDER BY seq LIMIT ?2)",
+    )
+    .and_then(|mut s| s.execute(params![to_micros(&before), limit]))
+    .map(|n| n as u64)
+    .map_err(storage)
+}
+
 pub fn get_event(
     conn: &Connection,
     app_id: Uuid,

@@ -669,7 +669,80 @@ async fn webhook_test_command_checks_an_endpoint(backend: Backend) {
     assert!(received[0].header("webhook-signature").is_some());
 }
 
+/// Grants premium to `cuid` of the app `key` belongs to, creating the profile first.
+async fn grant_as(s: &TestServer, key: &str, cuid: &str) {
+    let who = [("adapty-customer-user-id", cuid)];
+    let (status, body) = s
+        .send(Method::POST, PROFILE, Some(key), &who, Some(json!({})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let grant =
+        json!({"access_level_id": "premium", "expires_at": iso(s.now() + Duration::days(7))});
+    let (status, body) = s
+        .send(Method::POST, GRANT, Some(key), &who, Some(grant))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Who each event of the feed of the app `key` belongs to, and its delivery state.
+async fn feed_of(s: &TestServer, key: &str) -> Vec<(String, String)> {
+    let (status, body) = s
+        .send(Method::GET, "/api/subgate/v1/events/", Some(key), &[], None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["payload"]["customer_user_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                e["delivery"]["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// With `events.retention_days`, settled events older than that are deleted; a pending one
+/// is kept however old.
+async fn settled_events_past_their_retention_are_deleted(backend: Backend) {
+    // The Test app's webhook points at a port nothing listens on and retries after 100 days:
+    // its events stay pending. The Other app has no webhook: its events are settled at once.
+    let config = format!(
+        "{}\n[events]\nretention_days = 30\n",
+        config_with_webhook("http://127.0.0.1:9", "[8640000]")
+    );
+    let s = TestServer::start_with(TestDb::new(backend).await, &config).await;
+    grant_as(&s, SECRET, "waiting").await;
+    grant_as(&s, OTHER_SECRET, "old").await;
+    assert_eq!(
+        feed_of(&s, OTHER_SECRET).await,
+        [("old".to_string(), "no_endpoint".to_string())]
+    );
+
+    s.advance(Duration::days(31));
+    grant_as(&s, OTHER_SECRET, "recent").await;
+    let deadline = std::time::Instant::now() + StdDuration::from_secs(20);
+    loop {
+        let other = feed_of(&s, OTHER_SECRET).await;
+        if other.len() == 1 {
+            assert_eq!(other[0].0, "recent");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{other:?}");
+        tokio::time::sleep(StdDuration::from_millis(50)).await;
+    }
+    assert_eq!(
+        feed_of(&s, SECRET).await,
+        [("waiting".to_string(), "pending".to_string())]
+    );
+}
+
 on_every_backend!(
+    settled_events_past_their_retention_are_deleted,
     purchases_fire_adapty_events_with_adapty_payloads,
     expiry_events_fire_when_the_time_passes,
     failed_deliveries_are_retried_on_schedule_and_never_dropped,
