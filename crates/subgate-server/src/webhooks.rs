@@ -231,10 +231,14 @@ impl Worker {
         if next_sweep().is_some_and(|due| now < due) {
             return false;
         }
+        // A retention of millions of years reaches past the calendar: nothing is that old.
+        let Some(cutoff) = now.checked_sub_signed(retention) else {
+            return false;
+        };
         let (more, next) = match self
             .services
             .store
-            .delete_settled_events(now - retention, SWEEP_BATCH)
+            .delete_settled_events(cutoff, SWEEP_BATCH)
             .await
         {
             Ok(deleted) => {
