@@ -276,13 +276,18 @@ impl TestServer {
         .await
     }
 
-    /// The event feed (`query` starts with `?`, or is empty), which must answer 200.
+    /// The Test app's event feed (`query` starts with `?`, or is empty), which must answer 200.
     pub async fn event_feed(&self, query: &str) -> Value {
+        self.event_feed_as(SECRET, query).await
+    }
+
+    /// The event feed of the app `key` belongs to.
+    pub async fn event_feed_as(&self, key: &str, query: &str) -> Value {
         let (status, body) = self
             .send(
                 Method::GET,
                 &format!("/api/subgate/v1/events/{query}"),
-                Some(SECRET),
+                Some(key),
                 &[],
                 None,
             )

@@ -686,11 +686,7 @@ async fn grant_as(s: &TestServer, key: &str, cuid: &str) {
 
 /// Who each event of the feed of the app `key` belongs to, and its delivery state.
 async fn feed_of(s: &TestServer, key: &str) -> Vec<(String, String)> {
-    let (status, body) = s
-        .send(Method::GET, "/api/subgate/v1/events/", Some(key), &[], None)
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body["data"]
+    s.event_feed_as(key, "").await["data"]
         .as_array()
         .unwrap()
         .iter()
