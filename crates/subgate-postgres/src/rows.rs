@@ -3,7 +3,7 @@
 use crate::{classify, Failure};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use subgate_core::events::NewEvent;
 use subgate_core::model::{
@@ -146,31 +146,58 @@ async fn lock_profile(
     Ok(row.as_ref().map(state_from).transpose()?)
 }
 
-/// A profile's transactions as the transactions table holds them, as one JSON array.
+/// A profile's transactions as the transactions table holds them, as one JSON array. With no
+/// index on `profile_id` (migration 0006) this scans the table: test builds only.
+#[cfg(debug_assertions)]
 const ATTACHED_TRANSACTIONS: &str = "COALESCE((SELECT json_agg(t.data ORDER BY t.position)
     FROM transactions t WHERE t.app_id = $1 AND t.profile_id = $2), '[]'::json)";
 
-/// Rewrites the transactions kept in a profile's row from the transactions table, for a
-/// profile whose transactions a write on another profile moved.
-async fn refresh_embedded(
+/// Drops the transactions a write on another profile moved from the list kept in their former
+/// owner's row, keeping the others in their order; each is named by its store and store
+/// transaction id, the table's unique key. The row's list equals the table, so the table needs
+/// no search by profile (migration 0006). The list is filtered in the statement, on the row
+/// version the update locks: a concurrent writer of that profile has committed its list by then.
+async fn drop_moved(
     client: &impl GenericClient,
     app_id: Uuid,
-    profile_id: Uuid,
+    owner: Uuid,
+    moved: &[&Transaction],
 ) -> Result<(), tokio_postgres::Error> {
-    let sql = format!(
-        "UPDATE profiles SET transactions = {ATTACHED_TRANSACTIONS} WHERE app_id = $1 AND id = $2"
-    );
-    let stmt = client.prepare_cached(&sql).await?;
+    let stores: Vec<&str> = moved.iter().map(|t| t.store.as_str()).collect();
+    let ids: Vec<&str> = moved
+        .iter()
+        .map(|t| t.store_transaction_id.as_str())
+        .collect();
+    let stmt = client
+        .prepare_cached(
+            "UPDATE profiles SET transactions = COALESCE(
+                 (SELECT json_agg(kept.t ORDER BY kept.n)
+                  FROM json_array_elements(transactions) WITH ORDINALITY AS kept(t, n)
+                  WHERE NOT EXISTS (
+                      SELECT 1 FROM unnest($3::text[], $4::text[]) AS m(store, id)
+                      WHERE m.store = kept.t->>'store' AND m.id = kept.t->>'store_transaction_id'
+                  )),
+                 '[]'::json)
+             WHERE app_id = $1 AND id = $2",
+        )
+        .await?;
     client
-        .execute(&stmt, &[&app_id, &profile_id])
+        .execute(&stmt, &[&app_id, &owner, &stores, &ids])
         .await
         .map(drop)
 }
 
-/// Locks the transactions of a chain (and the named transaction), on any profile.
-const LOCK_CHAIN: &str = "SELECT profile_id, data FROM transactions
+/// Locks the transactions of a chain (and the named transaction), on any profile: the chain's
+/// later transactions (the partial index `transactions_chain`, migration 0006), its original,
+/// found by its own id, and the named transaction. Each arm of the `OR` matches an index, so
+/// PostgreSQL reads them as one bitmap; the first arm repeats the partial index's condition,
+/// which is what lets the planner use that index.
+pub(crate) const LOCK_CHAIN: &str = "SELECT profile_id, data FROM transactions
     WHERE app_id = $1 AND store = $2
-      AND (store_original_transaction_id = $3 OR store_transaction_id = $4)
+      AND ((store_original_transaction_id = $3
+            AND store_original_transaction_id <> store_transaction_id)
+        OR (store_transaction_id = $3 AND store_original_transaction_id = $3)
+        OR store_transaction_id = $4)
     ORDER BY position
     FOR UPDATE";
 
@@ -566,8 +593,12 @@ pub async fn write(
             // rows now can deadlock with a writer of that profile, and PostgreSQL then fails
             // one of the two, which runs again.
             let moved_from = loaded.owners_left_by(&transactions);
-            for owner in moved_from {
-                refresh_embedded(client, app_id, owner).await?;
+            for &owner in &moved_from {
+                let left: Vec<&Transaction> = transactions
+                    .iter()
+                    .filter(|t| t.profile_id != Some(owner))
+                    .collect();
+                drop_moved(client, app_id, owner, &left).await?;
             }
             // Every test build checks the row's copy against the transactions table.
             #[cfg(debug_assertions)]
@@ -584,18 +615,40 @@ pub async fn write(
                     table, state.transactions,
                     "a profile row's transactions differ from the transactions table"
                 );
+                let sql = format!(
+                    "SELECT transactions, {ATTACHED_TRANSACTIONS} FROM profiles
+                     WHERE app_id = $1 AND id = $2"
+                );
+                for owner in &moved_from {
+                    if let Some(row) = client.query_opt(&sql, &[&app_id, owner]).await? {
+                        let Json(kept): Json<Vec<Transaction>> = get(&row, 0)?;
+                        let Json(mut table): Json<Vec<Transaction>> = get(&row, 1)?;
+                        for t in &mut table {
+                            t.profile_id = Some(*owner);
+                        }
+                        assert_eq!(
+                            kept, table,
+                            "a former owner's row keeps transactions the table moved"
+                        );
+                    }
+                }
             }
             Ok(Outcome::Saved(Arc::new(state)))
         }
         Change::Delete { profile } => {
+            // The row lists its transactions (the table has no index by profile): each is
+            // detached by its id, from the list the delete itself returns. The profile's row is
+            // locked before its transactions, the order every write takes.
             let stmt = client
                 .prepare_cached(
-                    "UPDATE transactions SET profile_id = NULL WHERE app_id = $1 AND profile_id = $2",
+                    "WITH gone AS (
+                         DELETE FROM profiles WHERE app_id = $1 AND id = $2 RETURNING transactions
+                     )
+                     UPDATE transactions SET profile_id = NULL
+                     WHERE app_id = $1 AND profile_id = $2 AND id IN (
+                         SELECT (t->>'id')::uuid FROM gone, json_array_elements(gone.transactions) t
+                     )",
                 )
-                .await?;
-            client.execute(&stmt, &[&app_id, &profile.id]).await?;
-            let stmt = client
-                .prepare_cached("DELETE FROM profiles WHERE app_id = $1 AND id = $2")
                 .await?;
             client.execute(&stmt, &[&app_id, &profile.id]).await?;
             Ok(Outcome::Deleted)
@@ -729,17 +782,18 @@ pub async fn import(
         .into_iter()
         .flatten()
         .collect();
-    let mut moved_from = Vec::new();
+    // Each former owner, with the transactions that left it.
+    let mut moved_from: HashMap<(Uuid, Uuid), Vec<&Transaction>> = HashMap::new();
     for (app_id, t) in to_move {
         let previous = move_transaction(client, app_id, t)
             .await
             .map_err(classify)?;
-        moved_from.extend(previous.map(|owner| (app_id, owner)));
+        if let Some(owner) = previous {
+            moved_from.entry((app_id, owner)).or_default().push(t);
+        }
     }
-    moved_from.sort_unstable();
-    moved_from.dedup();
-    for (app_id, owner) in moved_from {
-        refresh_embedded(client, app_id, owner)
+    for ((app_id, owner), moved) in moved_from {
+        drop_moved(client, app_id, owner, &moved)
             .await
             .map_err(classify)?;
     }
@@ -1063,4 +1117,80 @@ pub async fn redeliver(
         .await
         .map_err(classify)?;
     row.as_ref().map(event_from).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LOCK_CHAIN;
+    use crate::schema::MIGRATIONS;
+
+    /// The plan PostgreSQL keeps for a prepared statement once it stops planning it per call.
+    async fn generic_plan(client: &tokio_postgres::Client, sql: &str, args: &str) -> String {
+        client
+            .batch_execute(&format!(
+                "SET plan_cache_mode = force_generic_plan; PREPARE probe AS {sql}"
+            ))
+            .await
+            .expect("prepare");
+        let rows = client
+            .query(&format!("EXPLAIN EXECUTE probe({args})"), &[])
+            .await
+            .expect("explain");
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Migration 0006 left the chain with a partial index: the lock must still find every row
+    /// through indexes. With sequential scans priced out, a plan that cannot prove the partial
+    /// index's condition would scan the table.
+    #[tokio::test]
+    async fn the_chain_lock_searches_indexes_and_never_scans() {
+        let url = std::env::var("SUBGATE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("the PostgreSQL tests need a server at {url}: {e}"));
+        tokio::spawn(connection);
+        let schema = format!("subgate_plan_{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA {schema}; SET search_path = {schema}"
+            ))
+            .await
+            .expect("schema");
+        for (_, _, sql) in MIGRATIONS {
+            client.batch_execute(sql).await.expect("migration");
+        }
+        // Statistics like a real install's (one app, one store, a renewal in ten rows): on an
+        // empty table the planner finds any plan as cheap, and this one scanned the app's
+        // whole store through `transactions_store_id`.
+        client
+            .batch_execute(
+                "INSERT INTO transactions (id, app_id, store, store_transaction_id,
+                     store_original_transaction_id, data)
+                 SELECT gen_random_uuid(), '6a0c2f5e-1b7d-4c3e-9f21-0d5b8e7a4c11', 'app_store',
+                     't-' || n, CASE WHEN n % 10 = 0 THEN 't-' || (n - 1) ELSE 't-' || n END,
+                     '{}'::json
+                 FROM generate_series(1, 20000) n;
+                 ANALYZE transactions;
+                 SET enable_seqscan = off",
+            )
+            .await
+            .expect("rows");
+        let plan = generic_plan(
+            &client,
+            LOCK_CHAIN,
+            "'6a0c2f5e-1b7d-4c3e-9f21-0d5b8e7a4c11', 'app_store', 'orig-1', 'renewal-2'",
+        )
+        .await;
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .expect("drop");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        assert!(plan.contains("transactions_chain"), "{plan}");
+        assert!(plan.contains("transactions_store_id"), "{plan}");
+    }
 }

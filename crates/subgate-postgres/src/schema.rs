@@ -5,7 +5,7 @@
 use crate::classify;
 use subgate_core::store::StoreError;
 
-const MIGRATIONS: &[(i32, &str, &str)] = &[
+pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "0001_init", include_str!("../migrations/0001_init.sql")),
     (
         2,
@@ -26,6 +26,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         5,
         "0005_lz4_documents",
         include_str!("../migrations/0005_lz4_documents.sql"),
+    ),
+    (
+        6,
+        "0006_write_indexes",
+        include_str!("../migrations/0006_write_indexes.sql"),
     ),
 ];
 

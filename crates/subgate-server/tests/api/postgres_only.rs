@@ -501,13 +501,17 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
     };
 
     // Back to schema version 2: the documents as jsonb, as versions before 0003 wrote them,
-    // and transactions only in their own table, as before 0004.
+    // transactions only in their own table, as before 0004, and their indexes before 0006.
     let pg = pg_connect(&db.url).await;
     pg.batch_execute(
         "ALTER TABLE profiles ALTER COLUMN doc TYPE jsonb USING doc::jsonb;
          ALTER TABLE transactions ALTER COLUMN data TYPE jsonb USING data::jsonb;
          ALTER TABLE events ALTER COLUMN payload TYPE jsonb USING payload::jsonb;
          ALTER TABLE profiles DROP COLUMN transactions;
+         DROP INDEX transactions_chain;
+         CREATE INDEX transactions_chain
+             ON transactions (app_id, store, store_original_transaction_id);
+         CREATE INDEX transactions_profile ON transactions (app_id, profile_id, position);
          DELETE FROM subgate_migrations WHERE version >= 3;",
     )
     .await
@@ -546,6 +550,22 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
     )
     .await;
     assert_eq!(methods, [if lz4 { "l" } else { "" }; 4]);
+
+    // Migration 0006: no index by profile, and the chain index only for later transactions.
+    let indexes = strings(
+        &pg,
+        "SELECT indexname || ': ' || indexdef FROM pg_indexes
+         WHERE schemaname = current_schema() AND tablename = 'transactions'
+           AND indexname IN ('transactions_profile', 'transactions_chain')",
+    )
+    .await;
+    assert_eq!(indexes.len(), 1, "{indexes:?}");
+    assert!(
+        indexes[0].starts_with("transactions_chain: ")
+            && indexes[0]
+                .ends_with("WHERE (store_original_transaction_id <> store_transaction_id)"),
+        "{indexes:?}"
+    );
 }
 
 /// The first column of every row `sql` returns.
