@@ -309,6 +309,59 @@ async fn lookups_report_owners_chains_and_detached_history(backend: Backend) {
     assert_eq!(store.counts().await.unwrap().transactions, 2);
 }
 
+/// A profile deleted while another profile restores its chain: whichever runs first, the
+/// transaction ends on the other profile alone, neither detached nor still listed by the
+/// deleted one. On PostgreSQL the two nearly always deadlock (the delete takes the profile's
+/// row, then the transaction's; the move the transaction's, then its former owner's), and
+/// one of them runs again after `deadlock_timeout` (1 s by default): hence few rounds.
+async fn a_profile_deleted_while_its_chain_moves_away_leaves_one_owner(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    const ROUNDS: usize = 3;
+    for round in 0..ROUNDS {
+        let (from, to, first) = (
+            format!("from-{round}"),
+            format!("to-{round}"),
+            format!("o-{round}"),
+        );
+        saved(record(&*store, &from, &first, &first).await).await;
+        let delete = store.write(
+            APP,
+            by_cuid(&from),
+            decide(|loaded| {
+                Ok(match &loaded.profile {
+                    Some(state) => Change::Delete {
+                        profile: state.profile.clone(),
+                    },
+                    None => Change::Keep,
+                })
+            }),
+        );
+        let restore = record(&*store, &to, &first, &first);
+        let (deleted, restored) = tokio::join!(delete, restore);
+        assert!(matches!(deleted, Ok(Outcome::Deleted)), "{deleted:?}");
+        saved(restored).await;
+        let gone = store
+            .load_profile(APP, &ProfileKey::CustomerUserId(from))
+            .await
+            .unwrap();
+        assert!(gone.is_none());
+        let owner = store
+            .load_profile(APP, &ProfileKey::CustomerUserId(to))
+            .await
+            .unwrap()
+            .unwrap();
+        let ids: Vec<&str> = owner
+            .transactions
+            .iter()
+            .map(|t| t.store_transaction_id.as_str())
+            .collect();
+        assert_eq!(ids, [first.as_str()]);
+    }
+    assert!(store.detached_after(None, 100).await.unwrap().is_empty());
+    assert_eq!(store.counts().await.unwrap().transactions, ROUNDS as u64);
+}
+
 async fn concurrent_writes_to_one_profile_are_never_lost(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = open(&db).await;
@@ -682,6 +735,7 @@ on_every_backend!(
     an_import_moving_a_transaction_leaves_no_copy_behind,
     writes_read_back_and_rejections_change_nothing,
     lookups_report_owners_chains_and_detached_history,
+    a_profile_deleted_while_its_chain_moves_away_leaves_one_owner,
     concurrent_writes_to_one_profile_are_never_lost,
     racing_creators_and_recorders_make_one_row_each,
     pages_and_imports_copy_everything_exactly,
