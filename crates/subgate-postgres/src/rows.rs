@@ -192,7 +192,7 @@ async fn drop_moved(
 /// found by its own id, and the named transaction. Each arm of the `OR` matches an index, so
 /// PostgreSQL reads them as one bitmap; the first arm repeats the partial index's condition,
 /// which is what lets the planner use that index.
-pub(crate) const LOCK_CHAIN: &str = "SELECT profile_id, data FROM transactions
+const LOCK_CHAIN: &str = "SELECT profile_id, data FROM transactions
     WHERE app_id = $1 AND store = $2
       AND ((store_original_transaction_id = $3
             AND store_original_transaction_id <> store_transaction_id)
@@ -638,7 +638,7 @@ pub async fn write(
         Change::Delete { profile } => {
             // The row lists its transactions (the table has no index by profile): each is
             // detached by its id, from the list the delete itself returns. The profile's row is
-            // locked before its transactions, the order every write takes.
+            // locked before its transactions, the order every write of that profile takes.
             let stmt = client
                 .prepare_cached(
                     "WITH gone AS (
