@@ -152,6 +152,26 @@ async fn lock_profile(
 const ATTACHED_TRANSACTIONS: &str = "COALESCE((SELECT json_agg(t.data ORDER BY t.position)
     FROM transactions t WHERE t.app_id = $1 AND t.profile_id = $2), '[]'::json)";
 
+/// `profile_id`'s transactions as the table holds them, in the form its row keeps them.
+#[cfg(debug_assertions)]
+async fn attached_transactions(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    profile_id: Uuid,
+) -> Result<Vec<Transaction>, Failure> {
+    let row = client
+        .query_one(
+            &format!("SELECT {ATTACHED_TRANSACTIONS}"),
+            &[&app_id, &profile_id],
+        )
+        .await?;
+    let Json(mut table): Json<Vec<Transaction>> = get(&row, 0)?;
+    for t in &mut table {
+        t.profile_id = Some(profile_id);
+    }
+    Ok(table)
+}
+
 /// Drops the transactions a write on another profile moved from the list kept in their former
 /// owner's row, keeping the others in their order; each is named by its store and store
 /// transaction id, the table's unique key. The row's list equals the table, so the table needs
@@ -600,34 +620,27 @@ pub async fn write(
                     .collect();
                 drop_moved(client, app_id, owner, &left).await?;
             }
-            // Every test build checks the row's copy against the transactions table.
+            // Every test build checks the row's copy against the transactions table, for the
+            // profile written and for each profile its transactions left.
             #[cfg(debug_assertions)]
             {
-                let sql = format!("SELECT {ATTACHED_TRANSACTIONS}");
-                let row = client
-                    .query_one(&sql, &[&app_id, &state.profile.id])
-                    .await?;
-                let Json(mut table): Json<Vec<Transaction>> = get(&row, 0)?;
-                for t in &mut table {
-                    t.profile_id = Some(state.profile.id);
-                }
                 assert_eq!(
-                    table, state.transactions,
+                    attached_transactions(client, app_id, state.profile.id).await?,
+                    state.transactions,
                     "a profile row's transactions differ from the transactions table"
                 );
-                let sql = format!(
-                    "SELECT transactions, {ATTACHED_TRANSACTIONS} FROM profiles
-                     WHERE app_id = $1 AND id = $2"
-                );
-                for owner in &moved_from {
-                    if let Some(row) = client.query_opt(&sql, &[&app_id, owner]).await? {
+                for &owner in &moved_from {
+                    let row = client
+                        .query_opt(
+                            "SELECT transactions FROM profiles WHERE app_id = $1 AND id = $2",
+                            &[&app_id, &owner],
+                        )
+                        .await?;
+                    if let Some(row) = row {
                         let Json(kept): Json<Vec<Transaction>> = get(&row, 0)?;
-                        let Json(mut table): Json<Vec<Transaction>> = get(&row, 1)?;
-                        for t in &mut table {
-                            t.profile_id = Some(*owner);
-                        }
                         assert_eq!(
-                            kept, table,
+                            kept,
+                            attached_transactions(client, app_id, owner).await?,
                             "a former owner's row keeps transactions the table moved"
                         );
                     }
