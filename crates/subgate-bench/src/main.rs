@@ -115,14 +115,78 @@ impl Server {
             .ok()
     }
 
-    /// CPU seconds the server has used so far, user and system, all threads (the kernel counts
-    /// them in USER_HZ, 100 a second on Linux).
     fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
-        Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+        process_cpu_seconds(self.child.id())
+    }
+}
+
+/// CPU seconds process `pid` has used so far, user and system, all threads (the kernel counts
+/// them in USER_HZ, 100 a second on Linux).
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// The machine's idle ticks (idle and iowait) and all its ticks so far, over every CPU, from
+/// the first line of `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    idle_and_all_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn idle_and_all_ticks(stat: &str) -> Option<(u64, u64)> {
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((idle, ticks.iter().take(8).sum()))
+}
+
+/// Where the machine's CPU went while a scenario was measured. The load generator's share,
+/// with the server's and the idle share, tells what is left for other processes (PostgreSQL):
+/// on these 2-core machines they all share the cores the ratios are measured on.
+#[derive(Clone, Copy)]
+struct CpuUse {
+    server_seconds: f64,
+    generator_seconds: f64,
+    idle_ticks: u64,
+    all_ticks: u64,
+}
+
+impl CpuUse {
+    fn now(server: &Server) -> Option<CpuUse> {
+        let (idle_ticks, all_ticks) = machine_ticks()?;
+        Some(CpuUse {
+            server_seconds: server.cpu_seconds()?,
+            generator_seconds: process_cpu_seconds(std::process::id())?,
+            idle_ticks,
+            all_ticks,
+        })
+    }
+
+    fn since(self, before: CpuUse) -> CpuUse {
+        CpuUse {
+            server_seconds: self.server_seconds - before.server_seconds,
+            generator_seconds: self.generator_seconds - before.generator_seconds,
+            idle_ticks: self.idle_ticks.saturating_sub(before.idle_ticks),
+            all_ticks: self.all_ticks.saturating_sub(before.all_ticks),
+        }
+    }
+
+    fn plus(self, other: CpuUse) -> CpuUse {
+        CpuUse {
+            server_seconds: self.server_seconds + other.server_seconds,
+            generator_seconds: self.generator_seconds + other.generator_seconds,
+            idle_ticks: self.idle_ticks + other.idle_ticks,
+            all_ticks: self.all_ticks + other.all_ticks,
+        }
     }
 }
 
@@ -249,28 +313,34 @@ async fn fresh_database(
     }
 }
 
-/// One run of a scenario, and the server's CPU seconds over its measured part.
+/// One run of a scenario, and where the CPU went over its measured part.
 struct Measured {
     outcome: Outcome,
-    cpu_seconds: Option<f64>,
+    cpu: Option<CpuUse>,
 }
 
 impl Measured {
-    fn cpu_us_per_request(&self) -> Option<f64> {
-        self.cpu_seconds
+    fn per_request_us(&self, seconds: impl Fn(&CpuUse) -> f64) -> Option<f64> {
+        self.cpu
             .filter(|_| self.outcome.requests > 0)
-            .map(|s| s / self.outcome.requests as f64 * 1e6)
+            .map(|cpu| seconds(&cpu) / self.outcome.requests as f64 * 1e6)
+    }
+
+    fn idle_percent(&self) -> Option<f64> {
+        self.cpu
+            .filter(|cpu| cpu.all_ticks > 0)
+            .map(|cpu| cpu.idle_ticks as f64 / cpu.all_ticks as f64 * 100.0)
     }
 
     fn merge(self, other: Measured) -> anyhow::Result<Measured> {
         Ok(Measured {
             outcome: self.outcome.merge(other.outcome)?,
-            cpu_seconds: self.cpu_seconds.zip(other.cpu_seconds).map(|(a, b)| a + b),
+            cpu: self.cpu.zip(other.cpu).map(|(a, b)| a.plus(b)),
         })
     }
 }
 
-/// Runs one scenario and measures the server's CPU time over its measured part.
+/// Runs one scenario and measures where the CPU went over its measured part.
 async fn measure(
     server: &Server,
     target: &Arc<Target>,
@@ -282,15 +352,14 @@ async fn measure(
     let load = load::run(target, scenario, args.concurrency, warmup, duration, rate);
     let sample = async {
         tokio::time::sleep(warmup).await;
-        server.cpu_seconds()
+        CpuUse::now(server)
     };
     let (outcome, before) = tokio::join!(load, sample);
     let outcome = outcome?;
-    let cpu_seconds = before.zip(server.cpu_seconds()).map(|(b, a)| a - b);
-    Ok(Measured {
-        outcome,
-        cpu_seconds,
-    })
+    let cpu = before
+        .zip(CpuUse::now(server))
+        .map(|(before, after)| after.since(before));
+    Ok(Measured { outcome, cpu })
 }
 
 /// Warm-up of a slice after the first: the connections are new, the server is warm.
@@ -371,7 +440,7 @@ fn row(
     (baseline, ratio): (f64, f64),
 ) -> Value {
     let outcome = &measured.outcome;
-    let cpu_us = measured.cpu_us_per_request();
+    let tenths = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
     json!({
         "backend": backend,
         "profiles": size,
@@ -383,13 +452,16 @@ fn row(
         "p99_ms": outcome.percentile_ms(0.99),
         "p999_ms": outcome.percentile_ms(0.999),
         "errors": outcome.errors,
-        "server_cpu_us_per_request": cpu_us.map(|us| (us * 10.0).round() / 10.0),
+        "server_cpu_us_per_request": tenths(measured.per_request_us(|c| c.server_seconds)),
+        "generator_cpu_us_per_request": tenths(measured.per_request_us(|c| c.generator_seconds)),
+        "machine_idle_percent": tenths(measured.idle_percent()),
     })
 }
 
 fn print_row(r: &Value) {
+    let tenth = |v: &Value| v.as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "{:<9} {:>8} {:<16} {:>9.0} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9.0} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7} {:>6} {:>6}",
         r["backend"].as_str().unwrap_or(""),
         r["profiles"].as_u64().unwrap_or(0),
         r["scenario"].as_str().unwrap_or(""),
@@ -401,9 +473,9 @@ fn print_row(r: &Value) {
         r["p50_ms"].as_f64().unwrap_or(0.0),
         r["p99_ms"].as_f64().unwrap_or(0.0),
         r["p999_ms"].as_f64().unwrap_or(0.0),
-        r["server_cpu_us_per_request"]
-            .as_f64()
-            .map_or("-".to_string(), |v| format!("{v:.1}")),
+        tenth(&r["server_cpu_us_per_request"]),
+        tenth(&r["generator_cpu_us_per_request"]),
+        tenth(&r["machine_idle_percent"]),
         r["errors"],
     );
 }
@@ -521,11 +593,13 @@ async fn main() -> anyhow::Result<()> {
     let mut servers = Vec::new();
     println!(
         "concurrency {}, {} s per scenario in {} slices, each after a slice of /health ({} s in \
-         all, `base/s`); `x base` is the median of the slices' ratios; latencies in ms",
+         all, `base/s`); `x base` is the median of the slices' ratios; latencies in ms; CPU \
+         time per request of the server (`cpu µs`) and of this load generator (`gen µs`), and \
+         the share of the machine's CPU time left idle",
         args.concurrency, args.duration, args.rounds, args.baseline_duration
     );
     println!(
-        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>6} {:>6}",
         "backend",
         "profiles",
         "scenario",
@@ -536,6 +610,8 @@ async fn main() -> anyhow::Result<()> {
         "p99",
         "p99.9",
         "cpu µs",
+        "gen µs",
+        "idle %",
         "errors"
     );
     for backend in &args.backends {
@@ -638,4 +714,17 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     println!("written {}", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_ticks_are_idle_and_iowait_of_the_first_eight_counters() {
+        let stat = "cpu  100 5 50 800 20 3 7 15 40 0\ncpu0 50 2 25 400 10 1 3 7 20 0\n";
+        // Guest time (the ninth counter) is already counted in user time.
+        assert_eq!(idle_and_all_ticks(stat), Some((820, 1000)));
+        assert_eq!(idle_and_all_ticks("intr 1 2 3\n"), None);
+    }
 }
