@@ -10,6 +10,7 @@ pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod fnv;
+pub mod json;
 pub mod model;
 pub mod service;
 pub mod store;

@@ -3,9 +3,11 @@
 use crate::{classify, Failure};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use subgate_core::events::NewEvent;
+use subgate_core::json::from_stored;
 use subgate_core::model::{
     AppDefinition, Environment, Profile, ProfileDoc, ProfileKey, ProfileState, Transaction,
 };
@@ -14,7 +16,7 @@ use subgate_core::store::{
     DueExpiry, Loaded, Lookup, Outcome, StoreError, StoredEvent,
 };
 use subgate_core::time::{from_micros, to_micros};
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{FromSql, Json, Type};
 use tokio_postgres::{Row, Statement};
 use uuid::Uuid;
 
@@ -29,7 +31,7 @@ const PROFILE_COLUMNS: &str =
     "app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions";
 
 fn profile_from(row: &Row) -> Result<Profile, StoreError> {
-    let doc: Json<ProfileDoc> = get(row, 6)?;
+    let Stored(doc): Stored<ProfileDoc> = get(row, 6)?;
     Ok(Profile {
         app_id: get(row, 0)?,
         id: get(row, 1)?,
@@ -37,13 +39,13 @@ fn profile_from(row: &Row) -> Result<Profile, StoreError> {
         version: get(row, 3)?,
         created_at: get(row, 4)?,
         updated_at: get(row, 5)?,
-        doc: doc.0,
+        doc,
     })
 }
 
 pub fn state_from(row: &Row) -> Result<ProfileState, StoreError> {
     let profile = profile_from(row)?;
-    let Json(mut transactions): Json<Vec<Transaction>> = get(row, 7)?;
+    let Stored(mut transactions): Stored<Vec<Transaction>> = get(row, 7)?;
     // They are this profile's by being in its row; a moved transaction's own copy may be older.
     for t in &mut transactions {
         t.profile_id = Some(profile.id);
@@ -52,6 +54,29 @@ pub fn state_from(row: &Row) -> Result<ProfileState, StoreError> {
         profile,
         transactions,
     })
+}
+
+/// A `json` (or `jsonb`) column read with [`from_stored`], where `tokio_postgres`'s `Json` reads
+/// with `serde_json::from_slice`.
+struct Stored<T>(T);
+
+impl<'a, T: DeserializeOwned> FromSql<'a> for Stored<T> {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let text = match (ty, raw) {
+            // Binary `jsonb` starts with its format's version, 1.
+            (&Type::JSONB, [1, text @ ..]) => text,
+            (&Type::JSONB, _) => return Err("an unknown jsonb format".into()),
+            (_, text) => text,
+        };
+        Ok(Stored(from_stored(text)?))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::JSON | Type::JSONB)
+    }
 }
 
 fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
@@ -165,7 +190,7 @@ async fn attached_transactions(
             &[&app_id, &profile_id],
         )
         .await?;
-    let Json(mut table): Json<Vec<Transaction>> = get(&row, 0)?;
+    let Stored(mut table): Stored<Vec<Transaction>> = get(&row, 0)?;
     for t in &mut table {
         t.profile_id = Some(profile_id);
     }
@@ -242,7 +267,7 @@ async fn lock_chain(
     rows.iter()
         .map(|row| {
             let profile_id: Option<Uuid> = get(row, 0)?;
-            let Json(mut t): Json<Transaction> = get(row, 1)?;
+            let Stored(mut t): Stored<Transaction> = get(row, 1)?;
             t.profile_id = profile_id;
             Ok(t)
         })
@@ -637,7 +662,7 @@ pub async fn write(
                         )
                         .await?;
                     if let Some(row) = row {
-                        let Json(kept): Json<Vec<Transaction>> = get(&row, 0)?;
+                        let Stored(kept): Stored<Vec<Transaction>> = get(&row, 0)?;
                         assert_eq!(
                             kept,
                             attached_transactions(client, app_id, owner).await?,
@@ -714,7 +739,7 @@ pub async fn apps(client: &impl GenericClient) -> Result<Vec<AppDefinition>, Sto
         .await
         .map_err(classify)?;
     rows.iter()
-        .map(|row| get::<Json<AppDefinition>>(row, 0).map(|j| j.0))
+        .map(|row| get::<Stored<AppDefinition>>(row, 0).map(|Stored(app)| app))
         .collect()
 }
 
@@ -752,7 +777,7 @@ pub async fn detached_after(
         .map_err(classify)?;
     rows.iter()
         .map(|row| {
-            let Json(mut transaction): Json<Transaction> = get(row, 1)?;
+            let Stored(mut transaction): Stored<Transaction> = get(row, 1)?;
             transaction.profile_id = None;
             Ok(DetachedTransaction {
                 app_id: get(row, 0)?,
@@ -887,7 +912,7 @@ const EVENT_COLUMNS: &str = "seq, id, app_id, profile_id, event_type, environmen
 fn event_from(row: &Row) -> Result<StoredEvent, StoreError> {
     let environment: String = get(row, 5)?;
     let state: String = get(row, 8)?;
-    let Json(payload): Json<serde_json::Value> = get(row, 7)?;
+    let Stored(payload): Stored<serde_json::Value> = get(row, 7)?;
     Ok(StoredEvent {
         seq: get(row, 0)?,
         id: get(row, 1)?,

@@ -14,6 +14,7 @@
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use subgate_core::json::from_stored;
 use subgate_core::store::StoreError;
 
 /// The tag of a value compressed with [`DICTIONARY_V1`]: the tag, the JSON's length as a
@@ -72,7 +73,7 @@ impl StoredJson {
         let corrupt =
             |e: &dyn std::fmt::Display| StoreError::Internal(format!("unreadable {what}: {e}"));
         match self {
-            Self::Text(json) => serde_json::from_slice(json).map_err(|e| corrupt(&e)),
+            Self::Text(json) => from_stored(json).map_err(|e| corrupt(&e)),
             Self::Packed(packed) => {
                 let (length, block) = match packed.as_slice() {
                     [LZ4_V1, a, b, c, d, block @ ..] => {
@@ -91,7 +92,7 @@ impl StoredJson {
                         json.len()
                     )));
                 }
-                serde_json::from_slice(&json).map_err(|e| corrupt(&e))
+                from_stored(&json).map_err(|e| corrupt(&e))
             }
         }
     }
