@@ -114,10 +114,6 @@ impl Server {
             .parse()
             .ok()
     }
-
-    fn cpu_seconds(&self) -> Option<f64> {
-        process_cpu_seconds(self.child.id())
-    }
 }
 
 /// CPU seconds process `pid` has used so far, user and system, all threads (the kernel counts
@@ -164,7 +160,7 @@ impl CpuUse {
     fn now(server: &Server) -> Option<CpuUse> {
         let (idle_ticks, all_ticks) = machine_ticks()?;
         Some(CpuUse {
-            server_seconds: server.cpu_seconds()?,
+            server_seconds: process_cpu_seconds(server.child.id())?,
             generator_seconds: process_cpu_seconds(std::process::id())?,
             idle_ticks,
             all_ticks,
