@@ -511,7 +511,7 @@ async fn prepare(
                 bail!("{backend}: the database holds {seeded} profiles, not {size}: run without --reuse");
             }
             eprintln!("{backend}: seeding {size} profiles");
-            let seconds = seed::seed(&*store, app.id, size).await?;
+            let seconds = seed::seed(&*store, &app, size).await?;
             store.after_bulk_load().await?;
             drop(store);
             if backend == "postgres" {

@@ -1,24 +1,32 @@
 //! Seeding through the store's bulk import: the same rows the API would write, without the
 //! per-request cost, so a million profiles take minutes.
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 use subgate_core::model::{
-    AttributeValue, Environment, Grant, Price, Profile, ProfileDoc, ProfileState, PurchaseType,
-    Transaction,
+    App, AppDefinition, AttributeValue, Environment, Grant, Price, Profile, ProfileDoc,
+    ProfileState, PurchaseType, Transaction,
 };
-use subgate_core::store::Store;
+use subgate_core::service::ProfileRenderer;
+use subgate_core::store::{ImportedProfile, Store};
+use subgate_server::http::rendered::RenderedProfiles;
 use uuid::Uuid;
 
 const BATCH: u64 = 2_000;
+
+/// The stores keep microseconds: a seeded profile reads back as it was made.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
 
 pub fn customer_user_id(i: u64) -> String {
     format!("user-{i}")
 }
 
 fn transaction(profile_id: Uuid, id: String, kind: PurchaseType, product: &str) -> Transaction {
-    let now = Utc::now();
+    let now = now();
     let subscription = kind == PurchaseType::Subscription;
     Transaction {
         id: Uuid::now_v7(),
@@ -59,7 +67,7 @@ fn transaction(profile_id: Uuid, id: String, kind: PurchaseType, product: &str) 
 /// A profile as a real one looks after a few weeks: attributes, a subscription, a one-time
 /// purchase and a promotional grant.
 pub fn profile(app_id: Uuid, i: u64) -> ProfileState {
-    let now = Utc::now();
+    let now = now();
     let id = Uuid::now_v7();
     let attributes = BTreeMap::from([
         ("plan".to_string(), AttributeValue::Text("gold".into())),
@@ -111,13 +119,23 @@ pub fn profile(app_id: Uuid, i: u64) -> ProfileState {
     }
 }
 
-/// Writes `count` profiles; returns the seconds it took.
-pub async fn seed(store: &dyn Store, app_id: Uuid, count: u64) -> anyhow::Result<f64> {
+/// Writes `count` profiles, each with its answer to a read as a write would store it; returns
+/// the seconds it took.
+pub async fn seed(store: &dyn Store, app: &AppDefinition, count: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
+    let renderer = RenderedProfiles::new(&[Arc::new(App::new(app.clone()))]);
     let mut next = 0;
     while next < count {
         let end = (next + BATCH).min(count);
-        let batch = (next..end).map(|i| profile(app_id, i)).collect();
+        let batch = (next..end)
+            .map(|i| {
+                let state = profile(app.id, i);
+                ImportedProfile {
+                    rendered: renderer.render(&state, now()),
+                    state,
+                }
+            })
+            .collect();
         store.import(batch, Vec::new()).await?;
         next = end;
         if next % 100_000 == 0 {

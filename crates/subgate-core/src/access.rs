@@ -233,6 +233,51 @@ fn follow_coverage(
     Some((best, true))
 }
 
+/// Every instant `now` is compared with in deriving the profile's access and the time-bound
+/// flags shown beside it (grace periods): each source's possible starts and ends, a revoke's
+/// cut included. A superset is harmless; a missing instant would let a stored answer outlive
+/// its truth.
+fn instants(state: &ProfileState) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+    let doc = &state.profile.doc;
+    let transactions = state.transactions.iter().flat_map(|t| {
+        [
+            Some(t.purchased_at),
+            t.expires_at,
+            t.grace_period_expires_at,
+            t.refunded_at,
+        ]
+    });
+    let grants = doc
+        .grants
+        .iter()
+        .flat_map(|g| [Some(g.starts_at), g.expires_at]);
+    let revokes = doc.revokes.iter().map(|r| Some(r.revoke_at));
+    transactions.chain(grants).chain(revokes).flatten()
+}
+
+/// The interval around `now` over which everything derived from `state` at an instant gives
+/// the same answer as at `now`: from the latest instant at or before `now` (`None`: since
+/// ever) to the first one after it, excluded (`None`: for ever). Every comparison with `now`
+/// (`start <= now`, `now < end`) flips only at one of those instants.
+pub fn steady_window(
+    state: &ProfileState,
+    now: DateTime<Utc>,
+) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    let mut window = (None, None);
+    for instant in instants(state) {
+        if instant <= now {
+            window.0 = window.0.max(Some(instant));
+        } else {
+            window.1 = Some(
+                window
+                    .1
+                    .map_or(instant, |end: DateTime<Utc>| end.min(instant)),
+            );
+        }
+    }
+    window
+}
+
 /// Whether the profile has ever had a source for `level` (the precondition of a revoke).
 pub fn has_ever_had(app: &App, state: &ProfileState, level: &str) -> bool {
     candidates(app, state).iter().any(|c| c.level == level)

@@ -175,11 +175,21 @@ impl Missing {
     }
 }
 
+/// Makes a profile's answer to a read at each write, for the store to keep beside the profile:
+/// a read can then send it without decoding the profile and rendering it again. The bytes are
+/// opaque to the store; the renderer also judges, at read time, whether they still hold.
+pub trait ProfileRenderer: Send + Sync {
+    /// `None` when the profile's app is unknown to this node.
+    fn render(&self, state: &ProfileState, now: DateTime<Utc>) -> Option<Vec<u8>>;
+}
+
 #[derive(Clone)]
 pub struct Services {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub rates: Arc<Rates>,
+    /// Without one, profiles are stored without an answer and every read renders its own.
+    pub renderer: Option<Arc<dyn ProfileRenderer>>,
 }
 
 impl From<StoreError> for ApiError {
@@ -250,6 +260,22 @@ impl Services {
         self.clock.now().trunc_subsecs(6)
     }
 
+    /// The profile's answer to a read as its last write stored it, if it has one (the
+    /// renderer judges whether it still holds).
+    pub async fn get_rendered_profile(
+        &self,
+        app: &App,
+        who: &Identity,
+    ) -> Result<Option<Vec<u8>>, ApiError> {
+        self.store
+            .load_rendered(app.id(), &who.key())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "profile read failed");
+                e.into()
+            })
+    }
+
     pub async fn get_profile(
         &self,
         app: &App,
@@ -272,8 +298,35 @@ impl Services {
         decide: Decide,
         missing: Missing,
     ) -> Result<Arc<ProfileState>, ApiError> {
-        let outcome = self.store.write(app.id(), lookup, decide).await?;
+        let outcome = self.store_write(app, lookup, decide).await?;
         saved(outcome, missing)
+    }
+
+    /// Every write of the services goes through here, so that every saved profile is stored
+    /// with its answer to a read, rendered at the instant the write decided at.
+    async fn store_write(
+        &self,
+        app: &App,
+        lookup: Lookup,
+        decide: Decide,
+    ) -> Result<Outcome, WriteError> {
+        let decide = match self.renderer.clone() {
+            Some(renderer) => {
+                let now = self.now();
+                Box::new(move |loaded: &Loaded| {
+                    let mut change = decide(loaded)?;
+                    if let Change::Save {
+                        state, rendered, ..
+                    } = &mut change
+                    {
+                        *rendered = renderer.render(state, now);
+                    }
+                    Ok(change)
+                })
+            }
+            None => decide,
+        };
+        self.store.write(app.id(), lookup, decide).await
     }
 
     /// Creates the profile, or updates it when it exists (a retried create must not fail).
@@ -310,6 +363,7 @@ impl Services {
                 state: next,
                 transactions: Vec::new(),
                 events: Vec::new(),
+                rendered: None,
             })
         });
         self.write(app, who.upsert_lookup(), decide, Missing::NotFound)
@@ -331,6 +385,7 @@ impl Services {
                 state: next,
                 transactions: Vec::new(),
                 events: Vec::new(),
+                rendered: None,
             })
         });
         self.write(app, who.existing_lookup(), decide, Missing::NotFound)
@@ -344,11 +399,7 @@ impl Services {
                 profile: state.profile.clone(),
             })
         });
-        match self
-            .store
-            .write(app.id(), who.existing_lookup(), decide)
-            .await?
-        {
+        match self.store_write(app, who.existing_lookup(), decide).await? {
             Outcome::Deleted => Ok(()),
             _ => Err(Missing::NotFound.error()),
         }
@@ -446,6 +497,7 @@ impl Services {
                 state: next,
                 transactions: changed,
                 events,
+                rendered: None,
             })
         });
         self.write(app, lookup, decide, Missing::ProfileDoesNotExist)
@@ -489,6 +541,7 @@ impl Services {
                 state: next,
                 transactions: Vec::new(),
                 events,
+                rendered: None,
             })
         });
         self.write(
@@ -552,6 +605,7 @@ impl Services {
                 state: next,
                 transactions: Vec::new(),
                 events,
+                rendered: None,
             })
         });
         self.write(
@@ -702,6 +756,7 @@ impl Services {
                 state: next,
                 transactions,
                 events,
+                rendered: None,
             })
         });
         self.write(app, lookup, decide, Missing::NotFound).await
@@ -768,6 +823,7 @@ impl Services {
                 state: next,
                 transactions,
                 events,
+                rendered: None,
             })
         });
         self.write(app, who.existing_lookup(), decide, Missing::NotFound)
@@ -849,9 +905,10 @@ impl Services {
                 state: next,
                 transactions: changed,
                 events,
+                rendered: None,
             })
         });
-        let outcome = self.store.write(app.id(), lookup, decide).await?;
+        let outcome = self.store_write(app, lookup, decide).await?;
         saved(outcome, Missing::NotFound)
     }
 
@@ -910,9 +967,10 @@ impl Services {
                 state: next,
                 transactions: handled,
                 events,
+                rendered: None,
             })
         });
-        self.store.write(app.id(), lookup, decide).await?;
+        self.store_write(app, lookup, decide).await?;
         Ok(())
     }
 }

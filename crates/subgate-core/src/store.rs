@@ -96,6 +96,9 @@ pub enum Change {
         transactions: Vec<Transaction>,
         /// Stored in the same commit, for the webhook worker to deliver.
         events: Vec<NewEvent>,
+        /// The profile's answer to a read, as [`crate::service::ProfileRenderer`] made it:
+        /// kept with the profile, replacing the one before (`None` leaves none).
+        rendered: Option<Vec<u8>>,
     },
     /// Delete the profile and detach its transactions.
     Delete { profile: Profile },
@@ -128,6 +131,14 @@ pub struct Counts {
     pub profiles: u64,
     pub transactions: u64,
     pub events: u64,
+}
+
+/// A profile as [`Store::import`] writes it.
+#[derive(Debug, Clone)]
+pub struct ImportedProfile {
+    pub state: ProfileState,
+    /// Its answer to a read, as in [`Change::Save`].
+    pub rendered: Option<Vec<u8>>,
 }
 
 /// A transaction no profile holds any more (its profile was deleted), with its app.
@@ -216,6 +227,14 @@ pub struct DueExpiry {
 pub trait Store: Send + Sync + 'static {
     /// Upserts the configured apps (config as code) at start.
     async fn put_apps(&self, apps: &[AppDefinition]) -> Result<(), StoreError>;
+
+    /// The profile's rendered answer to a read, as its last write stored it; `None` when there
+    /// is no such profile or it has none.
+    async fn load_rendered(
+        &self,
+        app_id: Uuid,
+        key: &ProfileKey,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Shared, so a store may hand out a profile it keeps in memory without copying it.
     async fn load_profile(
@@ -324,7 +343,7 @@ pub trait Store: Send + Sync + 'static {
     /// transaction, replacing rows with the same keys.
     async fn import(
         &self,
-        profiles: Vec<ProfileState>,
+        profiles: Vec<ImportedProfile>,
         detached: Vec<DetachedTransaction>,
     ) -> Result<(), StoreError>;
 

@@ -12,6 +12,8 @@
 
 mod reads;
 mod rows;
+
+use rows::Wanted;
 mod schema;
 
 use async_trait::async_trait;
@@ -22,8 +24,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
-    Counts, Decide, DeliveryResult, DetachedTransaction, DueExpiry, Lookup, Outcome, Store,
-    StoreError, StoredEvent, WriteError,
+    Counts, Decide, DeliveryResult, DetachedTransaction, DueExpiry, ImportedProfile, Lookup,
+    Outcome, Store, StoreError, StoredEvent, WriteError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
@@ -157,6 +159,29 @@ async fn bounded<T>(
 }
 
 impl PgStore {
+    /// A profile's row from the read batchers, with what `wanted` names.
+    async fn read_row(
+        &self,
+        app_id: Uuid,
+        key: &ProfileKey,
+        wanted: Wanted,
+    ) -> Result<Option<tokio_postgres::Row>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let request = reads::ReadRequest {
+            app_id,
+            key: key.clone(),
+            wanted,
+            reply,
+        };
+        self.reads
+            .get_or_init(|| reads::start(self.pool.clone()))
+            .send(request)
+            .map_err(|_| StoreError::Internal("the profile readers have stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Internal("a profile read was dropped".into()))?
+    }
+
     /// Connects, checks the database answers, and applies the migrations. Fails (rather than
     /// waiting forever) when the URL is wrong or the database cannot be reached.
     pub async fn connect(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
@@ -281,24 +306,24 @@ impl Store for PgStore {
         .await
     }
 
+    async fn load_rendered(
+        &self,
+        app_id: Uuid,
+        key: &ProfileKey,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = self.read_row(app_id, key, Wanted::Rendered).await?;
+        Ok(match row {
+            Some(row) => rows::get::<Option<Vec<u8>>>(&row, 0)?,
+            None => None,
+        })
+    }
+
     async fn load_profile(
         &self,
         app_id: Uuid,
         key: &ProfileKey,
     ) -> Result<Option<Arc<ProfileState>>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let request = reads::ReadRequest {
-            app_id,
-            key: key.clone(),
-            reply,
-        };
-        self.reads
-            .get_or_init(|| reads::start(self.pool.clone()))
-            .send(request)
-            .map_err(|_| StoreError::Internal("the profile readers have stopped".into()))?;
-        let row = answer
-            .await
-            .map_err(|_| StoreError::Internal("a profile read was dropped".into()))??;
+        let row = self.read_row(app_id, key, Wanted::State).await?;
         Ok(row
             .as_ref()
             .map(rows::state_from)
@@ -489,7 +514,7 @@ impl Store for PgStore {
 
     async fn import(
         &self,
-        profiles: Vec<ProfileState>,
+        profiles: Vec<ImportedProfile>,
         detached: Vec<DetachedTransaction>,
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;

@@ -7,7 +7,7 @@
 //! write answered before it was asked. A batcher hands back rows, not profiles: decoding them
 //! in the batcher kept its connection idle for the whole batch's decoding.
 
-use crate::rows;
+use crate::rows::{self, Wanted};
 use deadpool_postgres::Pool;
 use std::sync::Arc;
 use subgate_core::model::ProfileKey;
@@ -24,7 +24,8 @@ const MAX_BATCH: usize = 128;
 pub struct ReadRequest {
     pub app_id: Uuid,
     pub key: ProfileKey,
-    /// The profile's row, for [`rows::state_from`].
+    pub wanted: Wanted,
+    /// The profile's row, with what `wanted` names.
     pub reply: oneshot::Sender<Result<Option<Row>, StoreError>>,
 }
 
@@ -56,11 +57,23 @@ async fn next_batch(rx: &Mutex<mpsc::UnboundedReceiver<ReadRequest>>) -> Option<
     Some(batch)
 }
 
+/// Answers a batch with one statement for each kind of read in it.
 async fn answer(pool: &Pool, batch: Vec<ReadRequest>) {
+    let (states, rendered): (Vec<_>, Vec<_>) =
+        batch.into_iter().partition(|r| r.wanted == Wanted::State);
+    for part in [states, rendered] {
+        if let Some(first) = part.first() {
+            let wanted = first.wanted;
+            answer_alike(pool, part, wanted).await;
+        }
+    }
+}
+
+async fn answer_alike(pool: &Pool, batch: Vec<ReadRequest>, wanted: Wanted) {
     let keys: Vec<(Uuid, &ProfileKey)> = batch.iter().map(|r| (r.app_id, &r.key)).collect();
     let found = crate::bounded("a profile read", async {
         let client = pool.get().await.map_err(crate::pool_error)?;
-        rows::load_profile_rows(&client, &keys).await
+        rows::load_profile_rows(&client, &keys, wanted).await
     })
     .await;
     match found {

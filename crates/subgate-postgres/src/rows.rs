@@ -13,7 +13,7 @@ use subgate_core::model::{
 };
 use subgate_core::store::{
     ChainRef, Change, Counts, Decide, DeliveryResult, DeliveryState, DetachedTransaction,
-    DueExpiry, Loaded, Lookup, Outcome, StoreError, StoredEvent,
+    DueExpiry, ImportedProfile, Loaded, Lookup, Outcome, StoreError, StoredEvent,
 };
 use subgate_core::time::{from_micros, to_micros};
 use tokio_postgres::types::{FromSql, Json, Type};
@@ -79,7 +79,7 @@ impl<'a, T: DeserializeOwned> FromSql<'a> for Stored<T> {
     }
 }
 
-fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+pub(crate) fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
     row: &'a Row,
     index: usize,
 ) -> Result<T, StoreError> {
@@ -105,14 +105,24 @@ fn cause(failures: impl IntoIterator<Item = Failure>) -> Failure {
     ))
 }
 
+/// What a read of [`load_profile_rows`] wants of each profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Its columns, for [`state_from`].
+    State,
+    /// Its `rendered` column alone.
+    Rendered,
+}
+
 /// Several profiles, each by id or customer user id, in one statement (one snapshot); the
 /// answer lines up with `keys`. Rows come back undecoded: each caller decodes its own
 /// ([`state_from`]), in parallel, while the statement's connection serves the next batch.
 pub async fn load_profile_rows(
     client: &impl GenericClient,
     keys: &[(Uuid, &ProfileKey)],
+    wanted: Wanted,
 ) -> Result<Vec<Option<Row>>, StoreError> {
-    const SQL: &str = "
+    const STATES: &str = "
         SELECT p.app_id, p.id, p.customer_user_id, p.version, p.created_at, p.updated_at, p.doc,
             p.transactions, k.i
         FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(app_id, id, cuid, i)
@@ -123,6 +133,18 @@ pub async fn load_profile_rows(
             SELECT app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions
             FROM profiles WHERE app_id = k.app_id AND customer_user_id = k.cuid
         ) p";
+    const RENDERED: &str = "
+        SELECT p.rendered, k.i
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(app_id, id, cuid, i)
+        CROSS JOIN LATERAL (
+            SELECT rendered FROM profiles WHERE app_id = k.app_id AND id = k.id
+            UNION ALL
+            SELECT rendered FROM profiles WHERE app_id = k.app_id AND customer_user_id = k.cuid
+        ) p";
+    let (sql, ordinal_column) = match wanted {
+        Wanted::State => (STATES, 8),
+        Wanted::Rendered => (RENDERED, 1),
+    };
     let apps: Vec<Uuid> = keys.iter().map(|(app, _)| *app).collect();
     let ids: Vec<Option<Uuid>> = keys
         .iter()
@@ -138,14 +160,14 @@ pub async fn load_profile_rows(
             ProfileKey::CustomerUserId(cuid) => Some(cuid.as_str()),
         })
         .collect();
-    let stmt = client.prepare_cached(SQL).await.map_err(classify)?;
+    let stmt = client.prepare_cached(sql).await.map_err(classify)?;
     let rows = client
         .query(&stmt, &[&apps, &ids, &cuids])
         .await
         .map_err(classify)?;
     let mut found: Vec<Option<Row>> = keys.iter().map(|_| None).collect();
     for row in rows {
-        let ordinal: i64 = get(&row, 8)?;
+        let ordinal: i64 = get(&row, ordinal_column)?;
         let slot = usize::try_from(ordinal - 1)
             .ok()
             .and_then(|i| found.get_mut(i))
@@ -198,7 +220,8 @@ async fn attached_transactions(
 }
 
 /// Drops the transactions a write on another profile moved from the list kept in their former
-/// owner's row, keeping the others in their order; each is named by its store and store
+/// owner's row, keeping the others in their order, and the row's rendered answer, which lists
+/// them; each is named by its store and store
 /// transaction id, the table's unique key. The row's list equals the table, so the table needs
 /// no search by profile (migration 0006). The list is filtered in the statement, on the row
 /// version the update locks: a concurrent writer of that profile has committed its list by then.
@@ -215,7 +238,7 @@ async fn drop_moved(
         .collect();
     let stmt = client
         .prepare_cached(
-            "UPDATE profiles SET transactions = COALESCE(
+            "UPDATE profiles SET rendered = NULL, transactions = COALESCE(
                  (SELECT json_agg(kept.t ORDER BY kept.n)
                   FROM json_array_elements(transactions) WITH ORDINALITY AS kept(t, n)
                   WHERE NOT EXISTS (
@@ -381,13 +404,15 @@ async fn load(
 }
 
 const INSERT_PROFILE: &str = "INSERT INTO profiles
-         (app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+         (app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions,
+          rendered)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 /// Inserts the profile row, or with `upsert` replaces the row of the same id.
 async fn insert_profile(
     client: &impl GenericClient,
     state: &ProfileState,
+    rendered: Option<&[u8]>,
     upsert: bool,
 ) -> Result<u64, tokio_postgres::Error> {
     let stmt = if upsert {
@@ -396,7 +421,8 @@ async fn insert_profile(
                 "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
                      customer_user_id = excluded.customer_user_id, version = excluded.version,
                      created_at = excluded.created_at, updated_at = excluded.updated_at,
-                     doc = excluded.doc, transactions = excluded.transactions"
+                     doc = excluded.doc, transactions = excluded.transactions,
+                     rendered = excluded.rendered"
             ))
             .await?
     } else {
@@ -416,22 +442,27 @@ async fn insert_profile(
                 &updated_at,
                 &Json(&p.doc),
                 &Json(&state.transactions),
+                &rendered,
             ],
         )
         .await
 }
 
-async fn save_profile(client: &impl GenericClient, state: &ProfileState) -> Result<(), Failure> {
+async fn save_profile(
+    client: &impl GenericClient,
+    state: &ProfileState,
+    rendered: Option<&[u8]>,
+) -> Result<(), Failure> {
     let p = &state.profile;
     let changed = if p.version == 1 {
         // A concurrent creator of the same id or customer user id makes this a unique
         // violation: the write is run again and then finds that profile.
-        insert_profile(client, state, false).await?
+        insert_profile(client, state, rendered, false).await?
     } else {
         let stmt = client
             .prepare_cached(
                 "UPDATE profiles SET customer_user_id = $3, version = $4, updated_at = $5, doc = $6,
-                     transactions = $7
+                     transactions = $7, rendered = $8
                  WHERE app_id = $1 AND id = $2 AND version = $4::bigint - 1",
             )
             .await?;
@@ -446,6 +477,7 @@ async fn save_profile(client: &impl GenericClient, state: &ProfileState) -> Resu
                     &column_time(&p.updated_at),
                     &Json(&p.doc),
                     &Json(&state.transactions),
+                    &rendered,
                 ],
             )
             .await?
@@ -594,6 +626,7 @@ pub async fn write(
             state,
             transactions,
             events,
+            rendered,
         } => {
             let known: HashSet<(&str, &str)> = loaded
                 .related
@@ -603,7 +636,8 @@ pub async fn write(
                 .collect();
             // All of the write's statements go out at once (tokio-postgres pipelines them on
             // the connection): one round trip instead of one per row.
-            let mut steps: Vec<Step<'_>> = vec![Box::pin(save_profile(client, &state))];
+            let mut steps: Vec<Step<'_>> =
+                vec![Box::pin(save_profile(client, &state, rendered.as_deref()))];
             for t in &transactions {
                 if known.contains(&(t.store.as_str(), t.store_transaction_id.as_str())) {
                     steps.push(Box::pin(async move {
@@ -789,13 +823,13 @@ pub async fn detached_after(
 
 pub async fn import(
     client: &impl GenericClient,
-    profiles: &[ProfileState],
+    profiles: &[ImportedProfile],
     detached: &[DetachedTransaction],
 ) -> Result<(), StoreError> {
     // Every statement of the batch is put in flight at once: tokio-postgres pipelines them on
     // the connection, in order, so a batch costs a few round trips instead of one per row.
-    let profile_rows = profiles.iter().map(|state| async move {
-        insert_profile(client, state, true)
+    let profile_rows = profiles.iter().map(|p| async move {
+        insert_profile(client, &p.state, p.rendered.as_deref(), true)
             .await
             .map_err(classify)
             .map(drop)
@@ -803,6 +837,7 @@ pub async fn import(
     futures_util::future::try_join_all(profile_rows).await?;
     let transactions: Vec<(Uuid, &Transaction)> = profiles
         .iter()
+        .map(|p| &p.state)
         .flat_map(|state| state.transactions.iter().map(|t| (state.profile.app_id, t)))
         .chain(detached.iter().map(|d| (d.app_id, &d.transaction)))
         .collect();

@@ -32,6 +32,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0006_write_indexes",
         include_str!("../migrations/0006_write_indexes.sql"),
     ),
+    (
+        7,
+        "0007_rendered_profiles",
+        include_str!("../migrations/0007_rendered_profiles.sql"),
+    ),
 ];
 
 /// Any fixed number works; it only has to be the same on every node ("subgate" in ASCII).

@@ -4,8 +4,13 @@
 //! delivery state: the feed's cursors stay valid, and webhooks still pending are sent by the
 //! new store's nodes.
 
+use crate::http::rendered::RenderedProfiles;
 use anyhow::{bail, Context as _};
-use subgate_core::store::{Counts, Store};
+use chrono::{DateTime, SubsecRound, Utc};
+use std::sync::Arc;
+use subgate_core::model::App;
+use subgate_core::service::ProfileRenderer;
+use subgate_core::store::{Counts, ImportedProfile, Store};
 
 /// Profiles per import transaction: large enough to amortise commits, small enough to keep
 /// memory flat on millions of profiles.
@@ -22,11 +27,13 @@ pub struct CopyReport {
 
 /// Copies everything `from` holds into `to`. Refuses a target that already holds profiles,
 /// transactions or events unless `overwrite` (then rows with the same keys are replaced; an
-/// event of the target whose `seq` a source event has fails the copy).
+/// event of the target whose `seq` a source event has fails the copy). Each profile is stored
+/// with its answer to a read as rendered at `now` against the source's apps.
 pub async fn copy_store(
     from: &dyn Store,
     to: &dyn Store,
     overwrite: bool,
+    now: DateTime<Utc>,
 ) -> anyhow::Result<CopyReport> {
     let before = to.counts().await.context("counting the target's rows")?;
     if (before.profiles > 0 || before.transactions > 0 || before.events > 0) && !overwrite {
@@ -44,6 +51,9 @@ pub async fn copy_store(
     let apps = from.apps().await.context("reading the source's apps")?;
     to.put_apps(&apps).await.context("writing the apps")?;
     report.apps = apps.len() as u64;
+    let apps: Vec<Arc<App>> = apps.into_iter().map(|a| Arc::new(App::new(a))).collect();
+    let renderer = RenderedProfiles::new(&apps);
+    let now = now.trunc_subsecs(6);
 
     let mut after = None;
     loop {
@@ -58,6 +68,13 @@ pub async fn copy_store(
             .iter()
             .map(|p| p.transactions.len() as u64)
             .sum::<u64>();
+        let page = page
+            .into_iter()
+            .map(|state| ImportedProfile {
+                rendered: renderer.render(&state, now),
+                state,
+            })
+            .collect();
         to.import(page, Vec::new())
             .await
             .context("writing profiles")?;

@@ -156,16 +156,19 @@ pub async fn start_with_store(
         apps.insert(Arc::clone(&built), &app.public_keys, &app.secret_keys);
         app_list.push(built);
     }
+    let rendered = Arc::new(http::rendered::RenderedProfiles::new(&app_list));
     let services = Services {
         store,
         clock,
         rates: Arc::new(Rates::with_overrides(&settings.currency_rates)),
+        renderer: Some(Arc::clone(&rendered) as _),
     };
     let worker = webhooks::Worker::new(settings, services.clone(), &app_list)
         .context("setting up webhook delivery")?;
     let ctx = Arc::new(Context {
         services,
         apps,
+        rendered,
         stripe,
     });
     let listener = TcpListener::bind(&settings.server.listen)

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
+use subgate_core::clock::Clock as _;
 use subgate_core::SystemClock;
 use subgate_server::config::{self, DatabaseSettings, Overrides, Settings};
 
@@ -267,7 +268,8 @@ async fn copy_store(from: &str, to: &str, overwrite: bool) -> anyhow::Result<()>
     let target = subgate_server::open_store(&database(to))
         .await
         .context("opening the target")?;
-    let report = subgate_server::copy::copy_store(&*source, &*target, overwrite).await?;
+    let report =
+        subgate_server::copy::copy_store(&*source, &*target, overwrite, SystemClock.now()).await?;
     println!(
         "Copied {} apps, {} profiles, {} transactions, {} detached transactions and {} events \
          from {} to {}.",

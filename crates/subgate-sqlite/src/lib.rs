@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use subgate_core::model::{AppDefinition, ProfileKey, ProfileState};
 use subgate_core::store::{
-    Counts, Decide, DeliveryResult, DetachedTransaction, DueExpiry, Lookup, Outcome, Store,
-    StoreError, StoredEvent, WriteError,
+    Counts, Decide, DeliveryResult, DetachedTransaction, DueExpiry, ImportedProfile, Lookup,
+    Outcome, Store, StoreError, StoredEvent, WriteError,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -399,6 +399,14 @@ impl Store for SqliteStore {
         self.exec(move |conn| rows::put_apps(conn, &apps)).await
     }
 
+    async fn load_rendered(
+        &self,
+        app_id: Uuid,
+        key: &ProfileKey,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_inline(|conn| rows::load_rendered(conn, app_id, key))
+    }
+
     async fn load_profile(
         &self,
         app_id: Uuid,
@@ -471,7 +479,7 @@ impl Store for SqliteStore {
 
     async fn import(
         &self,
-        profiles: Vec<ProfileState>,
+        profiles: Vec<ImportedProfile>,
         detached: Vec<DetachedTransaction>,
     ) -> Result<(), StoreError> {
         self.exec_bulk(move |conn| rows::import(conn, &profiles, &detached))
@@ -998,6 +1006,7 @@ mod tests {
                 },
                 transactions: Vec::new(),
                 events: vec![event],
+                rendered: None,
             })
         })
     }
@@ -1244,16 +1253,16 @@ mod tests {
         assert_eq!(rows::profile_slot(app, "user-1"), 7_544_916_430_666_834_867);
     }
 
-    /// A build that cannot read compressed values (before migration 0006) refuses the file;
-    /// so does this one a file from a later build.
+    /// A build that cannot read compressed values (before migration 0006) or stored answers
+    /// (0007) refuses the file; so does this one a file from a later build.
     #[test]
     fn a_file_from_a_newer_build_is_refused() {
         let (_dir, path, conn) = fresh_file();
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 6, "0006_compressed_json is the latest migration");
-        conn.execute_batch("PRAGMA user_version = 7").unwrap();
+        assert_eq!(version, 7, "0007_rendered_profiles is the latest migration");
+        conn.execute_batch("PRAGMA user_version = 8").unwrap();
         drop(conn);
         match SqliteStore::open(&path, &SqliteOptions::default()) {
             Err(StoreError::Internal(message)) => {
@@ -1326,6 +1335,7 @@ mod tests {
                 state,
                 transactions: Vec::new(),
                 events: Vec::new(),
+                rendered: None,
             })
         });
         let saved = store.write(app, by_customer_user_id("alpha"), bump).await;

@@ -11,7 +11,7 @@ use subgate_core::model::{
 };
 use subgate_core::store::{
     ChainRef, Change, Counts, Decide, DeliveryResult, DeliveryState, DetachedTransaction,
-    DueExpiry, Loaded, Lookup, Outcome, StoreError, StoredEvent, WriteError,
+    DueExpiry, ImportedProfile, Loaded, Lookup, Outcome, StoreError, StoredEvent, WriteError,
 };
 use subgate_core::time::{from_micros, to_micros};
 use uuid::Uuid;
@@ -176,6 +176,42 @@ fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
     })
 }
 
+/// The `rendered` column of the profile `key` names (see [`find_profile_row`]).
+pub fn load_rendered(
+    conn: &Connection,
+    app_id: Uuid,
+    key: &ProfileKey,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let app = app_id.to_string();
+    let column = |r: &rusqlite::Row<'_>| r.get::<_, Option<Vec<u8>>>(0);
+    match key {
+        ProfileKey::Id(id) => conn
+            .prepare_cached("SELECT rendered FROM profiles WHERE app_id = ?1 AND id = ?2")
+            .and_then(|mut s| s.query_row(params![app, id.to_string()], column).optional()),
+        ProfileKey::CustomerUserId(cuid) => {
+            let at_slot = conn
+                .prepare_cached(
+                    "SELECT rendered FROM profiles
+                     WHERE rowid = ?3 AND +app_id = ?1 AND +customer_user_id = ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![app, cuid, profile_slot(app_id, cuid)], column)
+                        .optional()
+                })
+                .map_err(storage)?;
+            if at_slot.is_some() {
+                return Ok(at_slot.flatten());
+            }
+            conn.prepare_cached(
+                "SELECT rendered FROM profiles WHERE app_id = ?1 AND customer_user_id = ?2",
+            )
+            .and_then(|mut s| s.query_row(params![app, cuid], column).optional())
+        }
+    }
+    .map(Option::flatten)
+    .map_err(storage)
+}
+
 pub fn load_profile(
     conn: &Connection,
     app_id: Uuid,
@@ -322,8 +358,8 @@ pub fn read_write_pages(
 
 const INSERT_PROFILE: &str = "INSERT INTO profiles
          (app_id, id, customer_user_id, version, created_at, updated_at, doc, transactions,
-          rowid)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+          rowid, rendered)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(e.to_string()))
@@ -338,10 +374,11 @@ struct ProfileColumns<'a> {
     updated_at: i64,
     doc: Vec<u8>,
     transactions: Vec<u8>,
+    rendered: Option<&'a [u8]>,
 }
 
 impl<'a> ProfileColumns<'a> {
-    fn new(state: &'a ProfileState) -> Result<Self, StoreError> {
+    fn new(state: &'a ProfileState, rendered: Option<&'a [u8]>) -> Result<Self, StoreError> {
         let p = &state.profile;
         Ok(Self {
             state,
@@ -351,12 +388,12 @@ impl<'a> ProfileColumns<'a> {
             updated_at: to_micros(&p.updated_at),
             doc: codec::encode(&p.doc)?,
             transactions: codec::encode(&state.transactions)?,
+            rendered,
         })
     }
 
-    /// Runs `sql` with the columns as parameters ?1 to ?8, in `INSERT_PROFILE`'s order, and
-    /// `rowid` as ?9; a statement binds as many of them as it numbers (an update by id leaves
-    /// ?9).
+    /// Runs `sql` with the columns as parameters ?1 to ?10, in `INSERT_PROFILE`'s order, with
+    /// `rowid` as ?9; a statement binds as many of them as it numbers.
     fn execute(
         &self,
         conn: &Connection,
@@ -375,7 +412,8 @@ impl<'a> ProfileColumns<'a> {
                     self.updated_at,
                     self.doc,
                     self.transactions,
-                    rowid
+                    rowid,
+                    self.rendered
                 ];
                 let numbered = s.parameter_count().min(all.len());
                 s.execute(&all[..numbered])
@@ -399,21 +437,27 @@ fn new_profile_rowid(conn: &Connection, state: &ProfileState) -> Result<Option<i
 
 /// Inserts the profile row, or with `upsert` replaces the row of the same id (which keeps its
 /// rowid).
-fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Result<(), StoreError> {
+fn insert_profile(
+    conn: &Connection,
+    state: &ProfileState,
+    rendered: Option<&[u8]>,
+    upsert: bool,
+) -> Result<(), StoreError> {
     let upsert_sql;
     let sql = if upsert {
         upsert_sql = format!(
             "{INSERT_PROFILE} ON CONFLICT (app_id, id) DO UPDATE SET
                  customer_user_id = excluded.customer_user_id, version = excluded.version,
                  created_at = excluded.created_at, updated_at = excluded.updated_at,
-                 doc = excluded.doc, transactions = excluded.transactions"
+                 doc = excluded.doc, transactions = excluded.transactions,
+                 rendered = excluded.rendered"
         );
         upsert_sql.as_str()
     } else {
         INSERT_PROFILE
     };
     let rowid = new_profile_rowid(conn, state)?;
-    ProfileColumns::new(state)?.execute(conn, sql, rowid)?;
+    ProfileColumns::new(state, rendered)?.execute(conn, sql, rowid)?;
     Ok(())
 }
 
@@ -421,15 +465,16 @@ fn insert_profile(conn: &Connection, state: &ProfileState, upsert: bool) -> Resu
 fn save_profile(
     conn: &Connection,
     state: &ProfileState,
+    rendered: Option<&[u8]>,
     before: Option<&ProfileState>,
 ) -> Result<(), StoreError> {
     let p = &state.profile;
     if p.version == 1 {
-        return insert_profile(conn, state, false);
+        return insert_profile(conn, state, rendered, false);
     }
     let same_customer_user_id = before
         .is_some_and(|b| b.profile.id == p.id && b.profile.customer_user_id == p.customer_user_id);
-    let columns = ProfileColumns::new(state)?;
+    let columns = ProfileColumns::new(state, rendered)?;
     // Most rows sit at their customer user id's slot: updating there skips a descent into the
     // `profiles_id` index (a random page read at a million profiles). A row elsewhere changes
     // nothing here, and is updated through the index below.
@@ -440,7 +485,8 @@ fn save_profile(
     {
         let at_slot = columns.execute(
             conn,
-            "UPDATE profiles SET version = ?4, updated_at = ?6, doc = ?7, transactions = ?8
+            "UPDATE profiles SET version = ?4, updated_at = ?6, doc = ?7, transactions = ?8,
+                 rendered = ?10
              WHERE rowid = ?9 AND +app_id = ?1 AND +id = ?2 AND version = ?4 - 1",
             Some(profile_slot(p.app_id, cuid)),
         )?;
@@ -452,11 +498,12 @@ fn save_profile(
     // SQLite check, delete and insert its index entry: a random page more to write at a
     // million profiles, for the many writes that keep it.
     let sql = if same_customer_user_id {
-        "UPDATE profiles SET version = ?4, updated_at = ?6, doc = ?7, transactions = ?8
+        "UPDATE profiles SET version = ?4, updated_at = ?6, doc = ?7, transactions = ?8,
+             rendered = ?10
          WHERE app_id = ?1 AND id = ?2 AND version = ?4 - 1"
     } else {
         "UPDATE profiles SET customer_user_id = ?3, version = ?4, updated_at = ?6, doc = ?7,
-             transactions = ?8
+             transactions = ?8, rendered = ?10
          WHERE app_id = ?1 AND id = ?2 AND version = ?4 - 1"
     };
     let changed = columns.execute(conn, sql, None)?;
@@ -542,7 +589,7 @@ fn attached_transactions(
 }
 
 /// Takes `moved`, which a write on another profile took, out of the transactions kept in
-/// `owner`'s row.
+/// `owner`'s row, and drops the row's rendered answer, which lists them.
 fn drop_moved(
     conn: &Connection,
     app_id: Uuid,
@@ -558,9 +605,11 @@ fn drop_moved(
         .filter(|t| moved.iter().all(|m| m.id != t.id))
         .collect();
     let kept = codec::encode(&kept)?;
-    conn.prepare_cached("UPDATE profiles SET transactions = ?3 WHERE app_id = ?1 AND id = ?2")
-        .and_then(|mut s| s.execute(params![app_id.to_string(), owner.to_string(), kept]))
-        .map_err(storage)?;
+    conn.prepare_cached(
+        "UPDATE profiles SET transactions = ?3, rendered = NULL WHERE app_id = ?1 AND id = ?2",
+    )
+    .and_then(|mut s| s.execute(params![app_id.to_string(), owner.to_string(), kept]))
+    .map_err(storage)?;
     #[cfg(debug_assertions)]
     assert_eq!(
         load_profile(conn, app_id, &ProfileKey::Id(owner))?.map(|s| s.transactions),
@@ -623,11 +672,12 @@ pub fn write(
             state,
             transactions,
             events,
+            rendered,
         } => {
             touch(touched);
             touched.push(state.profile.id);
             touched.extend(transactions.iter().filter_map(|t| t.profile_id));
-            save_profile(conn, &state, loaded.profile.as_ref())?;
+            save_profile(conn, &state, rendered.as_deref(), loaded.profile.as_ref())?;
             for t in &transactions {
                 save_transaction(conn, app_id, t)?;
             }
@@ -792,7 +842,7 @@ pub fn detached_after(
 
 pub fn import(
     conn: &Connection,
-    profiles: &[ProfileState],
+    profiles: &[ImportedProfile],
     detached: &[DetachedTransaction],
 ) -> Result<(), StoreError> {
     // `copy-store --overwrite` may move a transaction off another profile, whose row then
@@ -805,8 +855,8 @@ pub fn import(
             None => Ok(()),
         }
     };
-    for state in profiles {
-        insert_profile(conn, state, true)?;
+    for ImportedProfile { state, rendered } in profiles {
+        insert_profile(conn, state, rendered.as_deref(), true)?;
         for t in &state.transactions {
             save(state.profile.app_id, t)?;
         }

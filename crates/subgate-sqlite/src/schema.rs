@@ -42,6 +42,11 @@ const MIGRATIONS: &[(&str, &str, Option<RustStep>)] = &[
         include_str!("../migrations/0006_compressed_json.sql"),
         None,
     ),
+    (
+        "0007_rendered_profiles",
+        include_str!("../migrations/0007_rendered_profiles.sql"),
+        None,
+    ),
 ];
 
 /// Copies every profile into `profiles_v4`, at its slot where it has one and no other profile

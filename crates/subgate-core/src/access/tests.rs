@@ -125,3 +125,61 @@ fn back_to_back_sources_extend_the_expiry() {
     );
     assert_eq!(premium(&s, at(5)), Some((true, Some(at(10)))));
 }
+
+/// What a profile shows at `now` through its time-bound parts.
+fn shown_at(app: &App, s: &ProfileState, now: DateTime<Utc>) -> (Vec<String>, Vec<bool>) {
+    let levels = derive(app, s, now)
+        .iter()
+        .map(|v| format!("{v:?}"))
+        .collect();
+    let grace = s
+        .transactions
+        .iter()
+        .map(|t| t.is_in_grace_period(now))
+        .collect();
+    (levels, grace)
+}
+
+#[test]
+fn nothing_shown_changes_inside_the_steady_window() {
+    let mut refunded = sub("r", 2, 6, 12);
+    refunded.refunded_at = Some(at(9));
+    let mut graced = sub("g", 3, 12, 16);
+    graced.billing_issue_detected_at = Some(at(15));
+    graced.grace_period_expires_at = Some(at(19));
+    let mut lifetime = sub("l", 6, 21, 22);
+    lifetime.purchase_type = PurchaseType::OneTimePurchase;
+    lifetime.expires_at = None;
+    let states = [
+        state(vec![sub("t1", 1, 2, 8)], vec![], vec![]),
+        state(vec![refunded.clone()], vec![], vec![]),
+        state(vec![], vec![grant(1, 3, Some(9))], vec![]),
+        state(vec![graced.clone()], vec![], vec![]),
+        state(
+            vec![sub("t1", 1, 2, 8)],
+            vec![grant(2, 3, None)],
+            vec![revoke(3, 5)],
+        ),
+        state(
+            vec![sub("t1", 1, 2, 8), refunded, graced, lifetime],
+            vec![grant(4, 7, Some(14)), grant(7, 24, None)],
+            vec![revoke(5, 11)],
+        ),
+    ];
+    let app = app();
+    let hours = |h: i64| at(1) + Duration::hours(h);
+    for s in &states {
+        for h in 0..(30 * 24) {
+            let now = hours(h);
+            let (from, until) = steady_window(s, now);
+            let from = from.unwrap_or(hours(-48));
+            let until = until.unwrap_or(hours(40 * 24));
+            assert!(from <= now && now < until, "{now}: {from}..{until}");
+            let shown = shown_at(&app, s, now);
+            let last = until - Duration::microseconds(1);
+            for t in [from, last, from + (until - from) / 2] {
+                assert_eq!(shown_at(&app, s, t), shown, "at {t}, window of {now}");
+            }
+        }
+    }
+}

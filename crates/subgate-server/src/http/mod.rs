@@ -5,6 +5,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod input;
+pub mod rendered;
 pub mod v1;
 pub mod v2;
 pub mod wire;
@@ -52,6 +53,8 @@ impl AppRegistry {
 pub struct Context {
     pub services: Services,
     pub apps: AppRegistry,
+    /// The same renderer as the services', to judge stored answers at read time.
+    pub rendered: Arc<rendered::RenderedProfiles>,
     /// Per app with a Stripe account configured.
     pub stripe: HashMap<uuid::Uuid, crate::stripe::StripeClient>,
 }

@@ -50,8 +50,18 @@ async fn get_profile(
     auth: Authenticated,
     who: ProfileHeaders,
 ) -> ApiResult<Response> {
+    let now = ctx.services.now();
+    if let Some(stored) = ctx
+        .services
+        .get_rendered_profile(&auth.app, &who.identity)
+        .await?
+    {
+        if let Some(body) = ctx.rendered.answer(&auth.app, &stored, now) {
+            return Ok(wire::json_bytes_response(body));
+        }
+    }
     let state = ctx.services.get_profile(&auth.app, &who.identity).await?;
-    Ok(render(&ctx, &auth, &state))
+    Ok(wire::profile(&auth.app, &state, now))
 }
 
 async fn create_profile(

@@ -356,6 +356,24 @@ pub fn profile(app: &App, state: &ProfileState, now: DateTime<Utc>) -> Response 
     json_response(&profile_body(app, state, &levels, now))
 }
 
+/// The body [`profile`] answers with.
+pub fn profile_json(app: &App, state: &ProfileState, now: DateTime<Utc>) -> Option<Vec<u8>> {
+    let levels = access::derive(app, state, now);
+    to_json(&profile_body(app, state, &levels, now))
+}
+
+/// A JSON body answered as such.
+pub fn json_bytes_response(bytes: Vec<u8>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response()
+}
+
 fn profile_body<'a>(
     app: &'a App,
     state: &'a ProfileState,
@@ -396,33 +414,32 @@ fn profile_body<'a>(
 /// Serializes `body` into one buffer sized for a typical profile, with sonic-rs: serde_json
 /// escapes strings (keys too) a byte at a time, which was the largest cost of a cached read.
 fn json_response(body: &impl Serialize) -> Response {
+    match to_json(body) {
+        Some(bytes) => json_bytes_response(bytes),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+fn to_json(body: &impl Serialize) -> Option<Vec<u8>> {
     let mut bytes = Vec::with_capacity(4096);
     match sonic_rs::to_writer(&mut bytes, body) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            bytes,
-        )
-            .into_response(),
+        Ok(()) => Some(bytes),
         Err(e) => {
             tracing::error!(error = %e, "cannot serialize a response");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            None
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
     use subgate_core::model::{AppDefinition, Profile, ProfileDoc};
 
-    /// Clients were written against serde_json's output: sonic-rs must write the same bytes,
-    /// numbers and escapes included.
-    #[test]
-    fn profile_responses_are_the_bytes_serde_json_writes() {
+    /// A profile that reaches every part of the response, with awkward strings and numbers,
+    /// and its app.
+    pub(crate) fn rich_profile() -> (App, ProfileState) {
         let transaction = |id: &str, kind: &str, product: &str, extra: Value| {
             let mut t = json!({
                 "id": Uuid::new_v4(), "seq": 1, "purchase_type": kind, "store": "app_store",
@@ -520,6 +537,14 @@ mod tests {
             }))
             .unwrap(),
         );
+        (app, state)
+    }
+
+    /// Clients were written against serde_json's output: sonic-rs must write the same bytes,
+    /// numbers and escapes included.
+    #[test]
+    fn profile_responses_are_the_bytes_serde_json_writes() {
+        let (app, state) = rich_profile();
         let now = DateTime::from_timestamp(1_800_000_000, 5_000).unwrap();
         let levels = access::derive(&app, &state, now);
         let body = profile_body(&app, &state, &levels, now);

@@ -501,13 +501,17 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
     };
 
     // Back to schema version 2: the documents as jsonb, as versions before 0003 wrote them,
-    // transactions only in their own table, as before 0004, and their indexes before 0006.
+    // transactions only in their own table, as before 0004, their indexes before 0006, and no
+    // stored answers, as before 0007.
     let pg = pg_connect(&db.url).await;
     pg.batch_execute(
-        "ALTER TABLE profiles ALTER COLUMN doc TYPE jsonb USING doc::jsonb;
+        "DROP TRIGGER profiles_drop_stale_rendered ON profiles;
+         DROP FUNCTION profiles_drop_stale_rendered();
+         ALTER TABLE profiles ALTER COLUMN doc TYPE jsonb USING doc::jsonb;
          ALTER TABLE transactions ALTER COLUMN data TYPE jsonb USING data::jsonb;
          ALTER TABLE events ALTER COLUMN payload TYPE jsonb USING payload::jsonb;
          ALTER TABLE profiles DROP COLUMN transactions;
+         ALTER TABLE profiles DROP COLUMN rendered;
          DROP INDEX transactions_chain;
          CREATE INDEX transactions_chain
              ON transactions (app_id, store, store_original_transaction_id);
@@ -566,6 +570,68 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
                 .ends_with("WHERE (store_original_transaction_id <> store_transaction_id)"),
         "{indexes:?}"
     );
+}
+
+/// During a rolling upgrade, nodes of the version before stored answers still write profiles,
+/// without knowing of them: such a write drops the answer instead of leaving one that shows
+/// the profile as it was.
+#[tokio::test]
+async fn a_write_by_a_node_unaware_of_stored_answers_drops_the_stale_one() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let client = reqwest::Client::new();
+    let node = Node::spawn(db.dir.path(), &db.url).await;
+    let plan = || {
+        let (client, base) = (client.clone(), node.base.clone());
+        async move {
+            let (status, body) = call(&client, &base, Method::GET, PROFILE, "kept", None)
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{body}");
+            body["data"]["custom_attributes"].clone()
+        }
+    };
+    let set_plan = |value: &'static str| {
+        let (client, base) = (client.clone(), node.base.clone());
+        async move {
+            let body = json!({"custom_attributes": {"plan": value}});
+            let (status, body) = call(&client, &base, Method::POST, PROFILE, "kept", Some(body))
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    let pg = pg_connect(&db.url).await;
+    let stored = || async {
+        strings(
+            &pg,
+            "SELECT (rendered IS NOT NULL)::text FROM profiles WHERE customer_user_id = 'kept'",
+        )
+        .await
+    };
+    set_plan("gold").await;
+    assert_eq!(stored().await, ["true"], "a write stores its answer");
+    assert_eq!(plan().await, json!([{"key": "plan", "value": "gold"}]));
+
+    // What a node of the earlier version writes: the new document and version, nothing else.
+    pg.batch_execute(
+        "UPDATE profiles
+         SET doc = jsonb_set(doc::jsonb, '{attributes,plan}', '\"silver\"')::json,
+             version = version + 1
+         WHERE customer_user_id = 'kept'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored().await, ["false"]);
+    assert_eq!(plan().await, json!([{"key": "plan", "value": "silver"}]));
+
+    // This version's writes store answers again; rewriting a row unchanged keeps its answer.
+    set_plan("bronze").await;
+    assert_eq!(stored().await, ["true"]);
+    pg.batch_execute("UPDATE profiles SET doc = doc, rendered = rendered")
+        .await
+        .unwrap();
+    assert_eq!(stored().await, ["true"]);
+    assert_eq!(plan().await, json!([{"key": "plan", "value": "bronze"}]));
 }
 
 /// The first column of every row `sql` returns.

@@ -13,8 +13,8 @@ use subgate_core::model::{
     ProfileState, PurchaseType, Transaction,
 };
 use subgate_core::store::{
-    ChainRef, Change, Counts, Decide, DeliveryResult, DeliveryState, DetachedTransaction, Loaded,
-    Lookup, Outcome, Store, WriteError,
+    ChainRef, Change, Counts, Decide, DeliveryResult, DeliveryState, DetachedTransaction,
+    ImportedProfile, Loaded, Lookup, Outcome, Store, WriteError,
 };
 use subgate_server::config::DatabaseSettings;
 use uuid::Uuid;
@@ -141,7 +141,29 @@ fn counter(state: &ProfileState) -> f64 {
     }
 }
 
-/// Creates `cuid`'s profile if missing, then records `tx_id` (new, or moved onto it).
+/// What the contract's writes store as a profile's answer to a read: the store keeps it opaque.
+fn answer(state: &ProfileState) -> Vec<u8> {
+    format!(
+        "{} v{}",
+        state.profile.customer_user_id.as_deref().unwrap_or("-"),
+        state.profile.version
+    )
+    .into_bytes()
+}
+
+/// Profiles to import, each with its [`answer`].
+fn imported(profiles: &[ProfileState]) -> Vec<ImportedProfile> {
+    profiles
+        .iter()
+        .map(|state| ImportedProfile {
+            rendered: Some(answer(state)),
+            state: state.clone(),
+        })
+        .collect()
+}
+
+/// Creates `cuid`'s profile if missing, then records `tx_id` (new, or moved onto it), storing
+/// its [`answer`].
 async fn record(store: &dyn Store, cuid: &str, tx_id: &str, original: &str) -> Outcome {
     let cuid_owned = cuid.to_string();
     let (tx_id, original) = (tx_id.to_string(), original.to_string());
@@ -171,10 +193,12 @@ async fn record(store: &dyn Store, cuid: &str, tx_id: &str, original: &str) -> O
                     .transactions
                     .retain(|x| x.store_transaction_id != t.store_transaction_id);
                 state.transactions.push(t.clone());
+                let rendered = Some(answer(&state));
                 Ok(Change::Save {
                     state,
                     transactions: vec![t],
                     events: Vec::new(),
+                    rendered,
                 })
             }),
         )
@@ -385,6 +409,7 @@ async fn concurrent_writes_to_one_profile_are_never_lost(backend: Backend) {
                             state,
                             transactions: Vec::new(),
                             events: Vec::new(),
+                            rendered: None,
                         })
                     }),
                 )
@@ -485,7 +510,7 @@ async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
     let other_db = TestDb::new(other_kind(backend)).await;
     let other = open(&other_db).await;
     other
-        .import(profiles.clone(), detached.clone())
+        .import(imported(&profiles), detached.clone())
         .await
         .unwrap();
     assert_eq!(other.counts().await.unwrap(), store.counts().await.unwrap());
@@ -498,7 +523,7 @@ async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
     }
     assert_eq!(other.detached_after(None, 100).await.unwrap(), detached);
     // Importing again replaces rather than duplicates.
-    other.import(profiles, detached).await.unwrap();
+    other.import(imported(&profiles), detached).await.unwrap();
     assert_eq!(other.counts().await.unwrap(), store.counts().await.unwrap());
 }
 
@@ -529,7 +554,10 @@ async fn an_import_moving_a_transaction_leaves_no_copy_behind(backend: Backend) 
         },
     };
     store
-        .import(vec![second.clone()], vec![detached.clone()])
+        .import(
+            imported(std::slice::from_ref(&second)),
+            vec![detached.clone()],
+        )
         .await
         .unwrap();
     let read = |cuid: &'static str| {
@@ -628,6 +656,7 @@ async fn add_events(store: &dyn Store, cuid: &str, count: usize, deliver: bool) 
                     state,
                     transactions: Vec::new(),
                     events,
+                    rendered: None,
                 })
             }),
         )
@@ -706,7 +735,10 @@ async fn events_copy_with_their_order_and_delivery_state(backend: Backend) {
     let other_db = TestDb::new(other_kind(backend)).await;
     let other = open(&other_db).await;
     other
-        .import(store.profiles_after(None, 10).await.unwrap(), Vec::new())
+        .import(
+            imported(&store.profiles_after(None, 10).await.unwrap()),
+            Vec::new(),
+        )
         .await
         .unwrap();
     // Later pages first: a store numbering imported events itself would list them out of
@@ -730,7 +762,65 @@ async fn events_copy_with_their_order_and_delivery_state(backend: Backend) {
     assert!(after[4].seq > events[3].seq, "{after:?}");
 }
 
+/// A saved profile's answer reads back by either key until a write replaces or drops it: a
+/// save without one, or a transaction moved to another profile (the answer lists it).
+async fn a_stored_answer_lasts_until_its_profile_changes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = open(&db).await;
+    let rendered = |cuid: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            let key = ProfileKey::CustomerUserId(cuid.into());
+            let by_cuid = store.load_rendered(APP, &key).await.unwrap();
+            let by_id = match store.load_profile(APP, &key).await.unwrap() {
+                Some(state) => store
+                    .load_rendered(APP, &ProfileKey::Id(state.profile.id))
+                    .await
+                    .unwrap(),
+                None => None,
+            };
+            assert_eq!(by_cuid, by_id, "{cuid} by either key");
+            by_cuid.map(|bytes| String::from_utf8(bytes).unwrap())
+        }
+    };
+    assert_eq!(rendered("first").await, None, "no such profile");
+    saved(record(&*store, "first", "t1", "t1").await).await;
+    assert_eq!(rendered("first").await.as_deref(), Some("first v1"));
+    saved(record(&*store, "first", "t2", "t2").await).await;
+    assert_eq!(rendered("first").await.as_deref(), Some("first v2"));
+
+    // The chain t1 moves to another profile: the first's answer still listed it.
+    saved(record(&*store, "second", "t1", "t1").await).await;
+    assert_eq!(rendered("second").await.as_deref(), Some("second v1"));
+    assert_eq!(rendered("first").await, None);
+
+    // A save without an answer leaves none.
+    store
+        .write(
+            APP,
+            by_cuid("second"),
+            decide(|loaded| {
+                Ok(Change::Save {
+                    state: next(loaded, "second"),
+                    transactions: Vec::new(),
+                    events: Vec::new(),
+                    rendered: None,
+                })
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rendered("second").await, None);
+
+    // An import stores the answers it is given, replacing what a row held.
+    let mut third = new_profile("third");
+    third.profile.version = 4;
+    store.import(imported(&[third]), Vec::new()).await.unwrap();
+    assert_eq!(rendered("third").await.as_deref(), Some("third v4"));
+}
+
 on_every_backend!(
+    a_stored_answer_lasts_until_its_profile_changes,
     events_copy_with_their_order_and_delivery_state,
     an_import_moving_a_transaction_leaves_no_copy_behind,
     writes_read_back_and_rejections_change_nothing,
