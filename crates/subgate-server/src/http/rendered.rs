@@ -10,7 +10,7 @@
 //!
 //! Stored form: a tag byte, the fingerprint, the window's two ends (microseconds, `i64::MIN` and
 //! `i64::MAX` for open ends), where the timestamp's digits go in the body, the body's length,
-//! then the body as an LZ4 block (a seeded profile's 2.6 KB answer in about 0.9 KB).
+//! then the body as an LZ4 block compressed against a fixed dictionary ([`DICTIONARY_V1`]).
 
 use super::wire;
 use chrono::{DateTime, Utc};
@@ -22,6 +22,10 @@ use subgate_core::service::ProfileRenderer;
 use uuid::Uuid;
 
 const FORMAT_V1: u8 = 1;
+/// A profile's answer as the demo app renders it, with a subscription's access level before
+/// it: the field names and usual values every answer repeats. Frozen like the SQLite rows'
+/// dictionary (ADR 0010): a new one comes with a new format tag; a test pins its hash.
+const DICTIONARY_V1: &[u8] = include_bytes!("rendered-profile-v1.dict");
 const HEADER: usize = 1 + 8 + 8 + 8 + 4 + 4;
 /// No profile's answer comes near this; a larger length means a damaged value.
 const MAX_BODY: usize = 64 << 20;
@@ -78,7 +82,8 @@ impl RenderedProfiles {
         }
         let mut body = Vec::with_capacity(length + 20);
         body.resize(length, 0);
-        let written = lz4_flex::block::decompress_into(block, &mut body).ok()?;
+        let written =
+            lz4_flex::block::decompress_into_with_dict(block, &mut body, DICTIONARY_V1).ok()?;
         // The digits go right after the key, or the header is not what was written.
         if written != length || !body[..digits_at].ends_with(TIMESTAMP_KEY) {
             return None;
@@ -112,7 +117,7 @@ impl ProfileRenderer for RenderedProfiles {
         stored.extend_from_slice(&micros(until, i64::MAX).to_le_bytes());
         stored.extend_from_slice(&u32::try_from(digits_at).ok()?.to_le_bytes());
         stored.extend_from_slice(&u32::try_from(body.len()).ok()?.to_le_bytes());
-        stored.extend_from_slice(&lz4_flex::block::compress(&body));
+        stored.extend_from_slice(&lz4_flex::block::compress_with_dict(&body, DICTIONARY_V1));
         Some(stored)
     }
 }
@@ -207,6 +212,16 @@ mod tests {
         let mut stranger = state.clone();
         stranger.profile.app_id = Uuid::new_v4();
         assert_eq!(renderer.render(&stranger, now), None);
+    }
+
+    /// Answers on disk need these exact bytes.
+    #[test]
+    fn the_dictionary_stays_what_stored_answers_were_written_with() {
+        let hash = subgate_core::fnv::fnv1a(DICTIONARY_V1);
+        assert_eq!(
+            (DICTIONARY_V1.len(), hash),
+            (2695, 18_145_677_974_122_126_092)
+        );
     }
 
     #[test]
