@@ -276,6 +276,23 @@ impl Services {
             })
     }
 
+    /// Stores the profile's answer as rendered now, after a read found the stored one missing
+    /// or past its window; nothing if the profile changed since it was read. Answers whether it
+    /// stored one.
+    pub async fn renew_rendered(&self, state: &ProfileState) -> Result<bool, StoreError> {
+        let Some(rendered) = self
+            .renderer
+            .as_ref()
+            .and_then(|r| r.render(state, self.now()))
+        else {
+            return Ok(false);
+        };
+        let p = &state.profile;
+        self.store
+            .save_rendered(p.app_id, p.id, p.version, rendered)
+            .await
+    }
+
     pub async fn get_profile(
         &self,
         app: &App,

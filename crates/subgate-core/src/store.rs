@@ -236,6 +236,16 @@ pub trait Store: Send + Sync + 'static {
         key: &ProfileKey,
     ) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Stores `rendered` as the profile's answer if the profile is still at `version`: a read
+    /// rendered it because the stored one no longer held. Answers whether it was stored.
+    async fn save_rendered(
+        &self,
+        app_id: Uuid,
+        profile_id: Uuid,
+        version: i64,
+        rendered: Vec<u8>,
+    ) -> Result<bool, StoreError>;
+
     /// Shared, so a store may hand out a profile it keeps in memory without copying it.
     async fn load_profile(
         &self,

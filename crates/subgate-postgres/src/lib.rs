@@ -318,6 +318,20 @@ impl Store for PgStore {
         })
     }
 
+    async fn save_rendered(
+        &self,
+        app_id: Uuid,
+        profile_id: Uuid,
+        version: i64,
+        rendered: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        bounded("a stored answer", async {
+            let client = self.client().await?;
+            rows::save_rendered(&client, app_id, profile_id, version, &rendered).await
+        })
+        .await
+    }
+
     async fn load_profile(
         &self,
         app_id: Uuid,

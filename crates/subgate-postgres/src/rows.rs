@@ -177,6 +177,28 @@ pub async fn load_profile_rows(
     Ok(found)
 }
 
+/// Stores a read's answer for the profile if it is still at `version`. The trigger of
+/// migration 0007 leaves an update of `rendered` alone.
+pub async fn save_rendered(
+    client: &impl GenericClient,
+    app_id: Uuid,
+    profile_id: Uuid,
+    version: i64,
+    rendered: &[u8],
+) -> Result<bool, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE profiles SET rendered = $4 WHERE app_id = $1 AND id = $2 AND version = $3",
+        )
+        .await
+        .map_err(classify)?;
+    client
+        .execute(&stmt, &[&app_id, &profile_id, &version, &rendered])
+        .await
+        .map(|changed| changed == 1)
+        .map_err(classify)
+}
+
 /// Locks and loads the profile with its transactions, by the statement [`prepare_load`]
 /// prepared for `key`. Under READ COMMITTED a locked row is its latest committed version, so it
 /// holds every transaction moved to or from it so far.

@@ -169,6 +169,7 @@ pub async fn start_with_store(
         services,
         apps,
         rendered,
+        renewals: http::rendered::Renewals::default(),
         stripe,
     });
     let listener = TcpListener::bind(&settings.server.listen)

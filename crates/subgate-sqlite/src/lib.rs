@@ -407,6 +407,18 @@ impl Store for SqliteStore {
         self.read_inline(|conn| rows::load_rendered(conn, app_id, key))
     }
 
+    async fn save_rendered(
+        &self,
+        app_id: Uuid,
+        profile_id: Uuid,
+        version: i64,
+        rendered: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        // Not a change to the profile's state, which is all the cache holds.
+        self.exec(move |conn| rows::save_rendered(conn, app_id, profile_id, version, &rendered))
+            .await
+    }
+
     async fn load_profile(
         &self,
         app_id: Uuid,

@@ -212,6 +212,28 @@ pub fn load_rendered(
     .map_err(storage)
 }
 
+pub fn save_rendered(
+    conn: &Connection,
+    app_id: Uuid,
+    profile_id: Uuid,
+    version: i64,
+    rendered: &[u8],
+) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "UPDATE profiles SET rendered = ?4 WHERE app_id = ?1 AND id = ?2 AND version = ?3",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            app_id.to_string(),
+            profile_id.to_string(),
+            version,
+            rendered
+        ])
+    })
+    .map(|changed| changed == 1)
+    .map_err(storage)
+}
+
 pub fn load_profile(
     conn: &Connection,
     app_id: Uuid,

@@ -55,6 +55,8 @@ pub struct Context {
     pub apps: AppRegistry,
     /// The same renderer as the services', to judge stored answers at read time.
     pub rendered: Arc<rendered::RenderedProfiles>,
+    /// Answers being stored in the background after reads that rendered them.
+    pub renewals: rendered::Renewals,
     /// Per app with a Stripe account configured.
     pub stripe: HashMap<uuid::Uuid, crate::stripe::StripeClient>,
 }

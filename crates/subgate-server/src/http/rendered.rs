@@ -15,10 +15,11 @@
 use super::wire;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use subgate_core::access;
 use subgate_core::model::{App, ProfileState};
-use subgate_core::service::ProfileRenderer;
+use subgate_core::service::{ProfileRenderer, Services};
 use uuid::Uuid;
 
 const FORMAT_V1: u8 = 1;
@@ -91,6 +92,34 @@ impl RenderedProfiles {
         let timestamp = now.timestamp_millis().to_string();
         body.splice(digits_at..digits_at, timestamp.bytes());
         Some(body)
+    }
+}
+
+/// Bounds the answers stored in the background after reads (see [`Renewals::renew`]).
+#[derive(Default, Clone)]
+pub struct Renewals {
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Renewals under way at once, at most: each is a write, and after an upgrade every profile
+/// needs one, far more than the writer can take at the rate reads come.
+const MAX_RENEWALS: usize = 16;
+
+impl Renewals {
+    /// Stores `state`'s answer in the background, so the next reads of the profile need not
+    /// render it. Skipped when [`MAX_RENEWALS`] are under way: a later read renews it.
+    pub fn renew(&self, services: &Services, state: Arc<ProfileState>) {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_RENEWALS {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let (services, in_flight) = (services.clone(), Arc::clone(&self.in_flight));
+        tokio::spawn(async move {
+            if let Err(e) = services.renew_rendered(&state).await {
+                tracing::warn!(error = %e, "cannot store a profile's answer");
+            }
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 }
 

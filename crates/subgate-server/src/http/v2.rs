@@ -51,17 +51,17 @@ async fn get_profile(
     who: ProfileHeaders,
 ) -> ApiResult<Response> {
     let now = ctx.services.now();
-    if let Some(stored) = ctx
+    let stored = ctx
         .services
         .get_rendered_profile(&auth.app, &who.identity)
-        .await?
-    {
-        if let Some(body) = ctx.rendered.answer(&auth.app, &stored, now) {
-            return Ok(wire::json_bytes_response(body));
-        }
+        .await?;
+    if let Some(body) = stored.and_then(|s| ctx.rendered.answer(&auth.app, &s, now)) {
+        return Ok(wire::json_bytes_response(body));
     }
     let state = ctx.services.get_profile(&auth.app, &who.identity).await?;
-    Ok(wire::profile(&auth.app, &state, now))
+    let response = wire::profile(&auth.app, &state, now);
+    ctx.renewals.renew(&ctx.services, state);
+    Ok(response)
 }
 
 async fn create_profile(

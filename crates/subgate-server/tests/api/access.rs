@@ -158,7 +158,57 @@ async fn revoke_now_later_and_its_limits(backend: Backend) {
     );
 }
 
+/// The answer a grant's write stored holds until the grant ends; the first read after that
+/// renders the profile, and stores the new answer for the reads after it.
+async fn a_read_past_the_stored_answer_renews_it(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    s.create("u").await;
+    let now = s.now();
+    let (status, p) = s
+        .post(
+            GRANT,
+            "u",
+            json!({"access_level_id": "premium", "expires_at": iso(now + Duration::days(7))}),
+        )
+        .await;
+    assert_eq!(status, 200, "{p}");
+    let app_id: uuid::Uuid = p["data"]["app_id"].as_str().unwrap().parse().unwrap();
+    let store = subgate_server::open_store_for_reading(&subgate_server::config::DatabaseSettings {
+        url: s.db.url.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let key = subgate_core::model::ProfileKey::CustomerUserId("u".into());
+    let stored = || async { store.load_rendered(app_id, &key).await.unwrap() };
+    let written = stored().await.expect("the grant stored an answer");
+    assert!(is_active(&s.get("u").await, "premium", s.now()));
+    assert_eq!(
+        stored().await.as_ref(),
+        Some(&written),
+        "a read within it keeps it"
+    );
+
+    s.advance(Duration::days(8));
+    assert!(!is_active(&s.get("u").await, "premium", s.now()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while stored().await.as_ref() == Some(&written) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no renewed answer after the window"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let again = s.get("u").await;
+    assert!(!is_active(&again, "premium", s.now()));
+    assert_eq!(
+        level(&again, "premium").unwrap()["expires_at"],
+        iso(now + Duration::days(7))
+    );
+}
+
 on_every_backend!(
+    a_read_past_the_stored_answer_renews_it,
     grant_for_seven_days_then_it_lapses,
     grant_defaults_alias_and_future_starts,
     grant_extends_and_never_shortens,

@@ -812,6 +812,23 @@ async fn a_stored_answer_lasts_until_its_profile_changes(backend: Backend) {
         .unwrap();
     assert_eq!(rendered("second").await, None);
 
+    // A read's answer is stored only on the version it was rendered from.
+    let second = store
+        .load_profile(APP, &ProfileKey::CustomerUserId("second".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    let (id, version) = (second.profile.id, second.profile.version);
+    let renewed = |v: i64, text: &str| store.save_rendered(APP, id, v, text.as_bytes().to_vec());
+    assert!(!renewed(version - 1, "stale").await.unwrap());
+    assert_eq!(rendered("second").await, None);
+    assert!(renewed(version, "renewed").await.unwrap());
+    assert_eq!(rendered("second").await.as_deref(), Some("renewed"));
+    assert!(!store
+        .save_rendered(APP, Uuid::new_v4(), 1, b"nobody".to_vec())
+        .await
+        .unwrap());
+
     // An import stores the answers it is given, replacing what a row held.
     let mut third = new_profile("third");
     third.profile.version = 4;
