@@ -8,10 +8,8 @@ ALTER TABLE profiles ADD COLUMN rendered bytea;
 -- the old one, whoever runs it. (`json` has no equality; its text is the value as stored.)
 CREATE FUNCTION profiles_drop_stale_rendered() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.rendered IS NOT DISTINCT FROM OLD.rendered
-        AND (NEW.customer_user_id, NEW.version, NEW.doc::text, NEW.transactions::text)
-            IS DISTINCT FROM
-            (OLD.customer_user_id, OLD.version, OLD.doc::text, OLD.transactions::text)
+    IF (NEW.customer_user_id, NEW.version, NEW.doc::text, NEW.transactions::text)
+        IS DISTINCT FROM (OLD.customer_user_id, OLD.version, OLD.doc::text, OLD.transactions::text)
     THEN
         NEW.rendered := NULL;
     END IF;
@@ -19,6 +17,9 @@ BEGIN
 END
 $$;
 
+-- The condition is checked before the function is called: this version's writes, which set a
+-- new answer (or NULL), never call it.
 CREATE TRIGGER profiles_drop_stale_rendered
     BEFORE UPDATE OF customer_user_id, version, doc, transactions ON profiles
-    FOR EACH ROW EXECUTE FUNCTION profiles_drop_stale_rendered();
+    FOR EACH ROW WHEN (NEW.rendered IS NOT DISTINCT FROM OLD.rendered)
+    EXECUTE FUNCTION profiles_drop_stale_rendered();
