@@ -2,7 +2,11 @@ use crate::common::*;
 use chrono::Duration;
 use serde_json::json;
 
-async fn grant_for_seven_days_then_it_lapses(backend: Backend) {
+/// A server whose user `u` was just granted premium for seven days: the server, the grant's
+/// instant and its answer.
+async fn granted_for_seven_days(
+    backend: Backend,
+) -> (TestServer, chrono::DateTime<chrono::Utc>, serde_json::Value) {
     let s = TestServer::start(backend).await;
     s.create("u").await;
     let now = s.now();
@@ -14,6 +18,11 @@ async fn grant_for_seven_days_then_it_lapses(backend: Backend) {
         )
         .await;
     assert_eq!(status, 200, "{p}");
+    (s, now, p)
+}
+
+async fn grant_for_seven_days_then_it_lapses(backend: Backend) {
+    let (s, now, p) = granted_for_seven_days(backend).await;
     let premium = level(&p["data"], "premium").unwrap();
     assert_eq!(premium["expires_at"], iso(now + Duration::days(7)));
     assert_eq!(premium["starts_at"], iso(now));
@@ -161,17 +170,7 @@ async fn revoke_now_later_and_its_limits(backend: Backend) {
 /// The answer a grant's write stored holds until the grant ends; the first read after that
 /// renders the profile, and stores the new answer for the reads after it.
 async fn a_read_past_the_stored_answer_renews_it(backend: Backend) {
-    let s = TestServer::start(backend).await;
-    s.create("u").await;
-    let now = s.now();
-    let (status, p) = s
-        .post(
-            GRANT,
-            "u",
-            json!({"access_level_id": "premium", "expires_at": iso(now + Duration::days(7))}),
-        )
-        .await;
-    assert_eq!(status, 200, "{p}");
+    let (s, now, p) = granted_for_seven_days(backend).await;
     let app_id: uuid::Uuid = p["data"]["app_id"].as_str().unwrap().parse().unwrap();
     let store = subgate_server::open_store_for_reading(&subgate_server::config::DatabaseSettings {
         url: s.db.url.clone(),
