@@ -78,7 +78,9 @@ impl RenderedProfiles {
             return None;
         }
         let (digits_at, length) = (half(25)?, half(29)?);
-        if length > MAX_BODY || digits_at > length {
+        // An LZ4 sequence writes at most about 255 bytes per byte it takes: a damaged length
+        // must not make a read allocate more than its block can fill.
+        if length > MAX_BODY || length > block.len().saturating_mul(256) || digits_at > length {
             return None;
         }
         let mut body = Vec::with_capacity(length + 20);
@@ -265,6 +267,10 @@ mod tests {
             stored[..HEADER].to_vec(),
             stored[..stored.len() - 1].to_vec(),
         ];
+        // A length the block could never fill (and that must not be allocated).
+        let mut huge = stored.clone();
+        huge[29..33].copy_from_slice(&(60u32 << 20).to_le_bytes());
+        cases.push(huge);
         for at in [0, 25, 29, HEADER + 1] {
             let mut damaged = stored.clone();
             damaged[at] ^= 0xff;
