@@ -73,26 +73,34 @@ fn find_profile_row(
     app_id: Uuid,
     key: &ProfileKey,
 ) -> Result<Option<ProfileRow>, StoreError> {
+    find_profile(conn, app_id, key, PROFILE_COLUMNS, profile_row)
+}
+
+/// `columns` of the profile `key` names, as `map` reads them.
+fn find_profile<T>(
+    conn: &Connection,
+    app_id: Uuid,
+    key: &ProfileKey,
+    columns: &str,
+    map: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>, StoreError> {
     let app = app_id.to_string();
     match key {
         ProfileKey::Id(id) => conn
             .prepare_cached(&format!(
-                "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = ?1 AND id = ?2"
+                "SELECT {columns} FROM profiles WHERE app_id = ?1 AND id = ?2"
             ))
-            .and_then(|mut s| {
-                s.query_row(params![app, id.to_string()], profile_row)
-                    .optional()
-            }),
+            .and_then(|mut s| s.query_row(params![app, id.to_string()], &map).optional()),
         ProfileKey::CustomerUserId(cuid) => {
             // First at the rowid its key names (one table lookup, no index); a profile stored
             // elsewhere (see `profile_slot`) is found through the index.
             let at_slot = conn
                 .prepare_cached(&format!(
-                    "SELECT {PROFILE_COLUMNS} FROM profiles
+                    "SELECT {columns} FROM profiles
                      WHERE rowid = ?3 AND +app_id = ?1 AND +customer_user_id = ?2"
                 ))
                 .and_then(|mut s| {
-                    s.query_row(params![app, cuid, profile_slot(app_id, cuid)], profile_row)
+                    s.query_row(params![app, cuid, profile_slot(app_id, cuid)], &map)
                         .optional()
                 })
                 .map_err(storage)?;
@@ -100,9 +108,9 @@ fn find_profile_row(
                 return Ok(at_slot);
             }
             conn.prepare_cached(&format!(
-                "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = ?1 AND customer_user_id = ?2"
+                "SELECT {columns} FROM profiles WHERE app_id = ?1 AND customer_user_id = ?2"
             ))
-            .and_then(|mut s| s.query_row(params![app, cuid], profile_row).optional())
+            .and_then(|mut s| s.query_row(params![app, cuid], &map).optional())
         }
     }
     .map_err(storage)
@@ -176,40 +184,16 @@ fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
     })
 }
 
-/// The `rendered` column of the profile `key` names (see [`find_profile_row`]).
+/// The `rendered` column of the profile `key` names.
 pub fn load_rendered(
     conn: &Connection,
     app_id: Uuid,
     key: &ProfileKey,
 ) -> Result<Option<Vec<u8>>, StoreError> {
-    let app = app_id.to_string();
-    let column = |r: &rusqlite::Row<'_>| r.get::<_, Option<Vec<u8>>>(0);
-    match key {
-        ProfileKey::Id(id) => conn
-            .prepare_cached("SELECT rendered FROM profiles WHERE app_id = ?1 AND id = ?2")
-            .and_then(|mut s| s.query_row(params![app, id.to_string()], column).optional()),
-        ProfileKey::CustomerUserId(cuid) => {
-            let at_slot = conn
-                .prepare_cached(
-                    "SELECT rendered FROM profiles
-                     WHERE rowid = ?3 AND +app_id = ?1 AND +customer_user_id = ?2",
-                )
-                .and_then(|mut s| {
-                    s.query_row(params![app, cuid, profile_slot(app_id, cuid)], column)
-                        .optional()
-                })
-                .map_err(storage)?;
-            if at_slot.is_some() {
-                return Ok(at_slot.flatten());
-            }
-            conn.prepare_cached(
-                "SELECT rendered FROM profiles WHERE app_id = ?1 AND customer_user_id = ?2",
-            )
-            .and_then(|mut s| s.query_row(params![app, cuid], column).optional())
-        }
-    }
+    find_profile(conn, app_id, key, "rendered", |r| {
+        r.get::<_, Option<Vec<u8>>>(0)
+    })
     .map(Option::flatten)
-    .map_err(storage)
 }
 
 pub fn save_rendered(

@@ -352,8 +352,10 @@ struct Envelope<T> {
 
 /// The v2 Profile object as response bytes.
 pub fn profile(app: &App, state: &ProfileState, now: DateTime<Utc>) -> Response {
-    let levels = access::derive(app, state, now);
-    json_response(&profile_body(app, state, &levels, now))
+    match profile_json(app, state, now) {
+        Some(bytes) => json_bytes_response(bytes),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// The body [`profile`] answers with.
@@ -413,13 +415,6 @@ fn profile_body<'a>(
 
 /// Serializes `body` into one buffer sized for a typical profile, with sonic-rs: serde_json
 /// escapes strings (keys too) a byte at a time, which was the largest cost of a cached read.
-fn json_response(body: &impl Serialize) -> Response {
-    match to_json(body) {
-        Some(bytes) => json_bytes_response(bytes),
-        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
 fn to_json(body: &impl Serialize) -> Option<Vec<u8>> {
     let mut bytes = Vec::with_capacity(4096);
     match sonic_rs::to_writer(&mut bytes, body) {
