@@ -37,6 +37,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0007_rendered_profiles",
         include_str!("../migrations/0007_rendered_profiles.sql"),
     ),
+    (
+        8,
+        "0008_customer_user_id_hash",
+        include_str!("../migrations/0008_customer_user_id_hash.sql"),
+    ),
 ];
 
 /// Any fixed number works; it only has to be the same on every node ("subgate" in ASCII).

@@ -502,10 +502,11 @@ async fn documents_stored_as_jsonb_by_an_older_version_are_migrated_with_their_d
 
     // Back to schema version 2: the documents as jsonb, as versions before 0003 wrote them,
     // transactions only in their own table, as before 0004, their indexes before 0006, and no
-    // stored answers, as before 0007.
+    // stored answers, as before 0007, nor the hash index of 0008.
     let pg = pg_connect(&db.url).await;
     pg.batch_execute(
-        "DROP TRIGGER profiles_drop_stale_rendered ON profiles;
+        "DROP INDEX profiles_customer_user_id_hash;
+         DROP TRIGGER profiles_drop_stale_rendered ON profiles;
          DROP FUNCTION profiles_drop_stale_rendered();
          ALTER TABLE profiles ALTER COLUMN doc TYPE jsonb USING doc::jsonb;
          ALTER TABLE transactions ALTER COLUMN data TYPE jsonb USING data::jsonb;

@@ -174,6 +174,32 @@ async fn authentication_and_app_isolation(backend: Backend) {
         .send(Method::GET, PROFILE, Some(OTHER_SECRET), &who, None)
         .await;
     assert_error(status, &body, 404, "not_found", "non_field_errors");
+    // The same customer user id in the other app is another profile, and each app finds its
+    // own (PostgreSQL looks customer user ids up in an index that does not hold the app).
+    let attribute = json!({"custom_attributes": [{"key": "app", "value": "other"}]});
+    let (status, other) = s
+        .send(
+            Method::POST,
+            PROFILE,
+            Some(OTHER_SECRET),
+            &who,
+            Some(attribute),
+        )
+        .await;
+    assert_eq!(status, 200, "{other}");
+    let (status, mine) = s.send(Method::GET, PROFILE, Some(SECRET), &who, None).await;
+    assert_eq!(status, 200, "{mine}");
+    let (status, theirs) = s
+        .send(Method::GET, PROFILE, Some(OTHER_SECRET), &who, None)
+        .await;
+    assert_eq!(status, 200, "{theirs}");
+    assert_ne!(mine["data"]["profile_id"], theirs["data"]["profile_id"]);
+    assert_eq!(theirs["data"]["profile_id"], other["data"]["profile_id"]);
+    assert_eq!(mine["data"]["custom_attributes"], json!([]));
+    assert_eq!(
+        theirs["data"]["custom_attributes"],
+        json!([{"key": "app", "value": "other"}])
+    );
 }
 
 async fn custom_attributes_follow_the_documented_rules(backend: Backend) {
