@@ -2,10 +2,9 @@
 //!
 //! Writes go to one writer thread that owns the only writing connection: it takes every write
 //! queued at that moment, runs each inside its own savepoint of one `BEGIN IMMEDIATE`
-//! transaction, commits once (group commit) and answers once a sync thread has put the commit
-//! on disk (ADR 0015). So writes are serialized (no `SQLITE_BUSY`, no lost updates), every
-//! answered write is durable, no read shows what is not yet on disk, and a rejected write
-//! leaves nothing behind. Reads use a small pool of separate connections,
+//! transaction, commits once (group commit, `synchronous=FULL`) and only then answers. So
+//! writes are serialized (no `SQLITE_BUSY`, no lost updates), every answered write is durable,
+//! and a rejected write leaves nothing behind. Reads use a small pool of separate connections,
 //! which WAL mode lets run beside the writer.
 //!
 //! One process owns the file (a lock file says so), which lets it keep recently read profiles
@@ -13,14 +12,12 @@
 
 mod cache;
 mod codec;
-mod durable;
 mod rows;
 mod schema;
 
 use async_trait::async_trait;
 use cache::ProfileCache;
 use chrono::{DateTime, Utc};
-use durable::{Committed, Gate, SyncLog, SyncQueue, WalFile};
 use rusqlite::{Connection, OpenFlags};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -84,8 +81,6 @@ pub struct SqliteStore {
     writer_thread: Option<std::thread::JoinHandle<()>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     cache: Arc<ProfileCache>,
-    /// Holds back reads that could show a commit not yet on disk.
-    gate: Arc<Gate>,
     /// Held while the store is open, unless opened only for reading; see [`lock_file`].
     _lock: Option<File>,
 }
@@ -178,8 +173,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file as its owner, the only process that
     /// writes it, migrates it and starts the writer.
     pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<Self, StoreError> {
-        let path = path.as_ref();
-        Self::open_with(path, options, true, Box::new(WalFile::of_database(path)))
+        Self::open_with(path.as_ref(), options, true)
     }
 
     /// Opens the file beside its owner, to read it (the source of a copy): no lock taken and
@@ -189,17 +183,10 @@ impl SqliteStore {
             cached_profiles: 0,
             ..SqliteOptions::default()
         };
-        let path = path.as_ref();
-        Self::open_with(path, &options, false, Box::new(WalFile::of_database(path)))
+        Self::open_with(path.as_ref(), &options, false)
     }
 
-    /// Opens the store with `log` as what makes commits durable (the WAL file but in tests).
-    fn open_with(
-        path: &Path,
-        options: &SqliteOptions,
-        owner: bool,
-        log: Box<dyn SyncLog>,
-    ) -> Result<Self, StoreError> {
+    fn open_with(path: &Path, options: &SqliteOptions, owner: bool) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -212,22 +199,9 @@ impl SqliteStore {
         // showed in profiles. 32 MiB keeps the hot part in memory. Checkpoints (copying the
         // WAL into the database file, a tenth of the writer's time in profiles) run on their
         // own thread instead of inside the writer's commits.
-        //
-        // Its COMMIT does not sync the WAL (`synchronous = NORMAL`): the sync thread does, and
-        // answers the batch after it, while the writer runs the next batch (ADR 0015).
         writer_conn
-            .execute_batch(
-                "PRAGMA cache_size = -32768; PRAGMA wal_autocheckpoint = 0;
-                 PRAGMA synchronous = NORMAL;",
-            )
+            .execute_batch("PRAGMA cache_size = -32768; PRAGMA wal_autocheckpoint = 0;")
             .map_err(unavailable)?;
-        let gate = Arc::new(Gate::new(rows::last_event_seq(&writer_conn)?));
-        let (sync_queue, committed) = mpsc::channel();
-        let sync_gate = Arc::clone(&gate);
-        let sync_thread = std::thread::Builder::new()
-            .name("sqlite-sync".into())
-            .spawn(move || durable::sync_loop(log, committed, &sync_gate))
-            .map_err(|e| StoreError::Internal(format!("cannot start the sync thread: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let checkpointer = open_connection(&path)?;
         let database = File::open(&path)
@@ -261,17 +235,9 @@ impl SqliteStore {
             options.cached_profiles_mib.saturating_mul(1 << 20),
         ));
         let writer_cache = Arc::clone(&cache);
-        let writer_gate = Arc::clone(&gate);
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || {
-                let durability = Durability {
-                    gate: &writer_gate,
-                    queue: sync_queue,
-                    thread: sync_thread,
-                };
-                writer_loop(writer_conn, rx, &writer_cache, &restart, durability)
-            })
+            .spawn(move || writer_loop(writer_conn, rx, &writer_cache, &restart))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             stop,
@@ -281,7 +247,6 @@ impl SqliteStore {
             writer_thread: Some(writer_thread),
             readers: Arc::new(Mutex::new(readers)),
             cache,
-            gate,
             _lock: lock,
         })
     }
@@ -312,28 +277,6 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
-    }
-
-    /// [`Self::read`] for reads that may see any row: answered once all they could see is on
-    /// disk.
-    async fn read_durable<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let result = self.read(f).await?;
-        self.gate.any_read().await?;
-        Ok(result)
-    }
-
-    /// [`Self::read`] for events: answered once the events it found are on disk.
-    async fn read_events(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<Vec<StoredEvent>, StoreError> + Send + 'static,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        let events = self.read(f).await?;
-        let max_seq = events.iter().map(|e| e.seq).max();
-        self.gate.events_read(max_seq).await?;
-        Ok(events)
     }
 
     /// Runs a short read on this thread's own connection. Only for point reads: it blocks the
@@ -461,9 +404,7 @@ impl Store for SqliteStore {
         app_id: Uuid,
         key: &ProfileKey,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let found = self.read_inline(|conn| rows::load_rendered(conn, app_id, key))?;
-        self.gate.profile_read(found.as_ref().map(|f| f.0)).await?;
-        Ok(found.and_then(|f| f.1))
+        self.read_inline(|conn| rows::load_rendered(conn, app_id, key))
     }
 
     async fn save_rendered(
@@ -484,7 +425,6 @@ impl Store for SqliteStore {
         key: &ProfileKey,
     ) -> Result<Option<Arc<ProfileState>>, StoreError> {
         if let Some(hit) = self.cache.get(app_id, key) {
-            self.gate.profile_read(Some(hit.profile.id)).await?;
             return Ok(Some(hit));
         }
         let seen = self.cache.epoch();
@@ -494,9 +434,6 @@ impl Store for SqliteStore {
         if let Some(state) = &state {
             self.cache.insert(seen, state);
         }
-        self.gate
-            .profile_read(state.as_ref().map(|s| s.profile.id))
-            .await?;
         Ok(state)
     }
 
@@ -519,9 +456,6 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        if let Some(error) = self.gate.failure() {
-            return Err(error);
-        }
         self.read(|conn| {
             conn.query_row("SELECT 1", [], |_| Ok(()))
                 .map_err(unavailable)
@@ -530,11 +464,11 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
-        self.read_durable(rows::counts).await
+        self.read(rows::counts).await
     }
 
     async fn apps(&self) -> Result<Vec<AppDefinition>, StoreError> {
-        self.read_durable(rows::apps).await
+        self.read(rows::apps).await
     }
 
     async fn profiles_after(
@@ -542,7 +476,7 @@ impl Store for SqliteStore {
         after: Option<(Uuid, Uuid)>,
         limit: u32,
     ) -> Result<Vec<ProfileState>, StoreError> {
-        self.read_durable(move |conn| rows::profiles_after(conn, after, limit))
+        self.read(move |conn| rows::profiles_after(conn, after, limit))
             .await
     }
 
@@ -551,7 +485,7 @@ impl Store for SqliteStore {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<DetachedTransaction>, StoreError> {
-        self.read_durable(move |conn| rows::detached_after(conn, after, limit))
+        self.read(move |conn| rows::detached_after(conn, after, limit))
             .await
     }
 
@@ -586,7 +520,7 @@ impl Store for SqliteStore {
         after_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read_events(move |conn| rows::events_after(conn, after_seq, limit))
+        self.read(move |conn| rows::events_after(conn, after_seq, limit))
             .await
     }
 
@@ -610,7 +544,7 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<DueExpiry>, StoreError> {
-        self.read_durable(move |conn| rows::due_expirations(conn, now, limit))
+        self.read(move |conn| rows::due_expirations(conn, now, limit))
             .await
     }
 
@@ -643,16 +577,13 @@ impl Store for SqliteStore {
         after_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read_events(move |conn| rows::list_events(conn, app_id, profile_id, after_seq, limit))
+        self.read(move |conn| rows::list_events(conn, app_id, profile_id, after_seq, limit))
             .await
     }
 
     async fn get_event(&self, app_id: Uuid, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
-        let event = self
-            .read(move |conn| rows::get_event(conn, app_id, id))
-            .await?;
-        self.gate.events_read(event.as_ref().map(|e| e.seq)).await?;
-        Ok(event)
+        self.read(move |conn| rows::get_event(conn, app_id, id))
+            .await
     }
 
     async fn redeliver(
@@ -779,22 +710,12 @@ fn restart_wal(conn: &Connection) {
     }
 }
 
-/// The writer's side of making commits durable: the gate it announces each commit to, and
-/// the sync thread that answers committed batches.
-struct Durability<'a> {
-    gate: &'a Gate,
-    queue: SyncQueue,
-    thread: std::thread::JoinHandle<()>,
-}
-
 fn writer_loop(
     mut conn: Connection,
     jobs: mpsc::Receiver<Job>,
     cache: &ProfileCache,
     restart: &AtomicBool,
-    durability: Durability<'_>,
 ) {
-    let gate = durability.gate;
     loop {
         // Waking up without work too, so an idle writer still rewinds a WAL it was asked to:
         // the checkpoint thread waits for that.
@@ -815,13 +736,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if let Some(error) = gate.failure() {
-            for job in batch {
-                run_unbegun(job, &error).send(Some(&error));
-            }
-            continue;
-        }
-        let (replies, commit_error, touched) = run_batch(&mut conn, batch, cache, gate);
+        let (replies, commit_error, touched) = run_batch(&mut conn, batch, cache);
         // Before any answer, so a client never reads its own write's old state back.
         match touched {
             Touched::Profiles { ids, saved } if commit_error.is_none() => {
@@ -830,22 +745,9 @@ fn writer_loop(
             Touched::Profiles { ids, .. } => cache.committed(&ids, Vec::new()),
             Touched::Everything => cache.clear(),
         }
-        let committed = Committed {
-            batch: gate.last_announced(),
-            replies,
-            commit_error,
-        };
-        if let Err(mpsc::SendError(unsynced)) = durability.queue.send(committed) {
-            let error = StoreError::Internal("the sync thread has stopped".into());
-            for reply in unsynced.replies {
-                reply.send(Some(&error));
-            }
+        for reply in replies {
+            reply.send(commit_error.as_ref());
         }
-    }
-    // The sync thread answers what is queued, then stops.
-    drop(durability.queue);
-    if durability.thread.join().is_err() {
-        tracing::error!("the sync thread panicked");
     }
     // The store was dropped: a last full checkpoint, so a stopped node leaves a short WAL.
     if let Err(e) = checkpoint(&conn, "TRUNCATE") {
@@ -868,15 +770,10 @@ type BatchResult = (Vec<Reply>, Option<StoreError>, Touched);
 
 type WriteResult = Result<Outcome, WriteError>;
 
-fn run_batch(
-    conn: &mut Connection,
-    batch: Vec<Job>,
-    cache: &ProfileCache,
-    gate: &Gate,
-) -> BatchResult {
+fn run_batch(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCache) -> BatchResult {
     if !batch.iter().all(|job| matches!(job, Job::Write(_))) {
         // Other jobs run once (they are FnOnce), so they cannot be replayed.
-        return run_in_savepoints(conn, batch, cache, gate);
+        return run_in_savepoints(conn, batch, cache);
     }
     let writes: Vec<WriteJob> = batch
         .into_iter()
@@ -885,7 +782,7 @@ fn run_batch(
             Job::Exec { .. } => None,
         })
         .collect();
-    match run_writes(conn, &writes, cache, gate) {
+    match run_writes(conn, &writes, cache) {
         Some((results, commit_error, touched)) => {
             let replies = writes
                 .into_iter()
@@ -894,10 +791,7 @@ fn run_batch(
                 .collect();
             (replies, commit_error, touched)
         }
-        None => {
-            let batch = writes.into_iter().map(Job::Write).collect();
-            run_in_savepoints(conn, batch, cache, gate)
-        }
+        None => run_in_savepoints(conn, writes.into_iter().map(Job::Write).collect(), cache),
     }
 }
 
@@ -953,14 +847,8 @@ impl BatchTouches {
     }
 }
 
-/// Commits a batch; a failure is logged here and answered to every job of the batch. Readers
-/// may see the commit from here on, so the gate learns what it touched first.
-fn commit(tx: rusqlite::Transaction<'_>, touched: &Touched, gate: &Gate) -> Option<StoreError> {
-    let event_seq = match rows::last_event_seq(&tx) {
-        Ok(seq) => seq,
-        Err(error) => return Some(error),
-    };
-    gate.announce(touched, event_seq);
+/// Commits a batch; a failure is logged here and answered to every job of the batch.
+fn commit(tx: rusqlite::Transaction<'_>) -> Option<StoreError> {
     tx.commit().err().map(|e| {
         let error = unavailable(e);
         tracing::error!(%error, "commit failed; the whole batch is rolled back");
@@ -983,7 +871,6 @@ fn run_writes(
     conn: &mut Connection,
     writes: &[WriteJob],
     cache: &ProfileCache,
-    gate: &Gate,
 ) -> Option<(Vec<WriteResult>, Option<StoreError>, Touched)> {
     // A transaction that cannot begin is answered by the savepoint path, which reports it.
     let tx = conn
@@ -1003,17 +890,11 @@ fn run_writes(
         results.push(result);
     }
     let touched = touches.finish();
-    let commit_error = commit(tx, &touched, gate);
-    Some((results, commit_error, touched))
+    Some((results, commit(tx), touched))
 }
 
 /// Runs a batch with one savepoint per job: a job's failure rolls back only its own changes.
-fn run_in_savepoints(
-    conn: &mut Connection,
-    batch: Vec<Job>,
-    cache: &ProfileCache,
-    gate: &Gate,
-) -> BatchResult {
+fn run_in_savepoints(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCache) -> BatchResult {
     let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -1065,8 +946,7 @@ fn run_in_savepoints(
         }
     }
     let touched = touches.finish();
-    let commit_error = commit(tx, &touched, gate);
-    (replies, commit_error, touched)
+    (replies, commit(tx), touched)
 }
 
 /// A job of a batch whose transaction could not even begin.
@@ -1206,159 +1086,6 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-    }
-
-    /// A log whose every sync waits for the test to answer it: `Ok` lets it complete, an
-    /// error fails it. Once the test stops answering, syncs complete.
-    struct HeldLog(std::sync::mpsc::Receiver<std::io::Result<()>>);
-
-    impl SyncLog for HeldLog {
-        fn sync(&mut self) -> std::io::Result<()> {
-            self.0.recv().unwrap_or(Ok(()))
-        }
-    }
-
-    fn open_held(path: &Path) -> (Arc<SqliteStore>, mpsc::Sender<std::io::Result<()>>) {
-        let (syncs, held) = mpsc::channel();
-        let log = Box::new(HeldLog(held));
-        let store = SqliteStore::open_with(path, &SqliteOptions::default(), true, log).unwrap();
-        (Arc::new(store), syncs)
-    }
-
-    /// Waits until another connection sees the profile `cuid`: its batch has committed.
-    fn wait_until_committed(path: &Path, cuid: &str) {
-        let conn = Connection::open(path).unwrap();
-        for _ in 0..500 {
-            let found: i64 = conn
-                .query_row(
-                    "SELECT count(*) FROM profiles WHERE customer_user_id = ?1",
-                    [cuid],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            if found == 1 {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("{cuid} was never committed");
-    }
-
-    /// Whether `task` is still waiting a while after it started.
-    async fn still_waiting<T>(task: &mut tokio::task::JoinHandle<T>) -> bool {
-        tokio::time::timeout(std::time::Duration::from_millis(200), task)
-            .await
-            .is_err()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_commit_is_answered_and_read_only_once_synced() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let (store, syncs) = open_held(&path);
-        let app = Uuid::now_v7();
-        let synced_before = {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move { create(&store, app, Uuid::now_v7(), "before").await })
-        };
-        syncs.send(Ok(())).unwrap();
-        synced_before.await.unwrap();
-
-        let id = Uuid::now_v7();
-        let mut write = {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                let decide = create_as(app, id, "held", Uuid::now_v7());
-                store.write(app, by_customer_user_id("held"), decide).await
-            })
-        };
-        wait_until_committed(&path, "held");
-        assert!(still_waiting(&mut write).await, "answered before its sync");
-        let key = ProfileKey::CustomerUserId("held".into());
-        let mut reads = [
-            {
-                let (store, key) = (Arc::clone(&store), key.clone());
-                tokio::spawn(async move { store.load_profile(app, &key).await.map(|_| ()) })
-            },
-            {
-                let (store, key) = (Arc::clone(&store), key.clone());
-                tokio::spawn(async move { store.load_rendered(app, &key).await.map(|_| ()) })
-            },
-            {
-                let store = Arc::clone(&store);
-                tokio::spawn(
-                    async move { store.list_events(app, None, None, 10).await.map(|_| ()) },
-                )
-            },
-            {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move { store.counts().await.map(|_| ()) })
-            },
-        ];
-        for (i, read) in reads.iter_mut().enumerate() {
-            assert!(
-                still_waiting(read).await,
-                "read {i} showed an unsynced commit"
-            );
-        }
-        // What is on disk is read at once meanwhile.
-        let before = ProfileKey::CustomerUserId("before".into());
-        assert!(store.load_profile(app, &before).await.unwrap().is_some());
-
-        syncs.send(Ok(())).unwrap();
-        assert!(matches!(write.await.unwrap(), Ok(Outcome::Saved(_))));
-        for read in reads {
-            read.await.unwrap().unwrap();
-        }
-        let held = store.load_profile(app, &key).await.unwrap().unwrap();
-        assert_eq!(held.profile.id, id);
-        assert_eq!(
-            store.list_events(app, None, None, 10).await.unwrap().len(),
-            2
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_sync_fails_its_writes_and_the_store_refuses_more() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let (store, syncs) = open_held(&path);
-        let app = Uuid::now_v7();
-        let write = {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                let decide = create_as(app, Uuid::now_v7(), "lost", Uuid::now_v7());
-                store.write(app, by_customer_user_id("lost"), decide).await
-            })
-        };
-        wait_until_committed(&path, "lost");
-        syncs.send(Err(std::io::Error::other("disk gone"))).unwrap();
-        let answer = write.await.unwrap();
-        assert!(
-            matches!(&answer, Err(WriteError::Store(StoreError::Unavailable(m))) if m.contains("disk gone")),
-            "{answer:?}"
-        );
-
-        let next = create_as(app, Uuid::now_v7(), "after", Uuid::now_v7());
-        let next = store.write(app, by_customer_user_id("after"), next).await;
-        assert!(
-            matches!(next, Err(WriteError::Store(StoreError::Unavailable(_)))),
-            "{next:?}"
-        );
-        let conn = Connection::open(&path).unwrap();
-        let after: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM profiles WHERE customer_user_id = 'after'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(after, 0, "a write ran after the failed sync");
-        assert!(store.ping().await.is_err());
-        let lost = store
-            .load_profile(app, &ProfileKey::CustomerUserId("lost".into()))
-            .await;
-        assert!(matches!(lost, Err(StoreError::Unavailable(_))), "{lost:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

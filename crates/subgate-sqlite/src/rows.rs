@@ -185,31 +185,15 @@ fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
 }
 
 /// The `rendered` column of the profile `key` names.
-/// A profile's id and its stored answer, if it has one.
-pub type RenderedRow = (Uuid, Option<Vec<u8>>);
-
-/// The id and the `rendered` column of the profile `key` names.
 pub fn load_rendered(
     conn: &Connection,
     app_id: Uuid,
     key: &ProfileKey,
-) -> Result<Option<RenderedRow>, StoreError> {
-    find_profile(conn, app_id, key, "id, rendered", |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
-    })?
-    .map(|(id, rendered)| {
-        let id = Uuid::parse_str(&id).map_err(|e| corrupt("profile id", e))?;
-        Ok((id, rendered))
+) -> Result<Option<Vec<u8>>, StoreError> {
+    find_profile(conn, app_id, key, "rendered", |r| {
+        r.get::<_, Option<Vec<u8>>>(0)
     })
-    .transpose()
-}
-
-/// The highest sequence number events have taken (0 before the first).
-pub fn last_event_seq(conn: &Connection) -> Result<i64, StoreError> {
-    conn.prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
-        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
-        .map(Option::unwrap_or_default)
-        .map_err(storage)
+    .map(Option::flatten)
 }
 
 pub fn save_rendered(
