@@ -85,6 +85,15 @@ pub struct DatabaseSettings {
     /// `SqliteOptions::wal_rewind_pages`.
     #[serde(default = "default_wal_rewind_pages")]
     pub wal_rewind_pages: u32,
+    /// SQLite only: how often, in milliseconds, the WAL is copied into the database file; see
+    /// `SqliteOptions::checkpoint_interval`.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+}
+
+fn default_checkpoint_interval_ms() -> u64 {
+    let interval = subgate_sqlite::SqliteOptions::default().checkpoint_interval;
+    u64::try_from(interval.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn default_wal_rewind_pages() -> u32 {
@@ -128,6 +137,7 @@ impl Default for DatabaseSettings {
             cached_profiles: default_cached_profiles(),
             cached_profiles_mib: default_cached_profiles_mib(),
             wal_rewind_pages: default_wal_rewind_pages(),
+            checkpoint_interval_ms: default_checkpoint_interval_ms(),
         }
     }
 }
@@ -341,6 +351,9 @@ impl Settings {
         if self.server.worker_threads == Some(0) {
             bail!("server.worker_threads must be at least 1");
         }
+        if self.database.checkpoint_interval_ms == 0 {
+            bail!("database.checkpoint_interval_ms must be at least 1");
+        }
         if self.events.retention_days == Some(0) {
             bail!("events.retention_days must be at least 1 (leave it out to keep every event)");
         }
@@ -491,4 +504,18 @@ store_product_ids = {{ app_store = "com.demo.lifetime", web = "web_lifetime" }}
 fn random_token(len: usize) -> String {
     use rand::distr::{Alphanumeric, SampleString};
     Alphanumeric.sample_string(&mut rand::rng(), len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_checkpoint_interval_is_refused() {
+        let mut config = Settings::empty();
+        config.validate().unwrap();
+        config.database.checkpoint_interval_ms = 0;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("checkpoint_interval_ms"), "{error}");
+    }
 }

@@ -44,6 +44,7 @@ async fn open(database: &DatabaseSettings, owner: bool) -> anyhow::Result<Arc<dy
             cached_profiles: database.cached_profiles,
             cached_profiles_mib: database.cached_profiles_mib,
             wal_rewind_pages: database.wal_rewind_pages,
+            checkpoint_interval: std::time::Duration::from_millis(database.checkpoint_interval_ms),
         };
         let store = tokio::task::spawn_blocking(move || {
             if owner {

@@ -106,10 +106,12 @@ async fn a_read_never_returns_less_than_an_answered_write(backend: Backend) {
     // batches, a read started after a write was answered sees that write (or a later one).
     // A SQLite node caching two of the four profiles: reads keep missing, so they race the
     // writer's commits (and its cache updates) all the time; its WAL starts over every few
-    // pages, under the readers.
+    // pages, under the readers, looked at every 20 ms.
     const USERS: usize = 4;
     const WRITES: u64 = 40;
-    let config = format!("[database]\ncached_profiles = 2\nwal_rewind_pages = 8\n{CONFIG}");
+    let config = format!(
+        "[database]\ncached_profiles = 2\nwal_rewind_pages = 8\ncheckpoint_interval_ms = 20\n{CONFIG}"
+    );
     let s = Arc::new(TestServer::start_with(TestDb::new(backend).await, &config).await);
     for u in 0..USERS {
         s.create(&format!("u{u}")).await;

@@ -97,7 +97,9 @@ async fn a_node_runs_the_request_threads_its_config_asks_for() {
 async fn wal_bytes_after_steady_writes(wal_rewind_pages: u32) -> u64 {
     const WRITERS: usize = 16;
     const WRITES: u64 = 300;
-    let config = format!("[database]\nwal_rewind_pages = {wal_rewind_pages}\n{CONFIG}");
+    let config = format!(
+        "[database]\nwal_rewind_pages = {wal_rewind_pages}\ncheckpoint_interval_ms = 100\n{CONFIG}"
+    );
     let s = Arc::new(TestServer::start_with(TestDb::new(Backend::Sqlite).await, &config).await);
     let writers = (0..WRITERS).map(|w| {
         let s = Arc::clone(&s);
