@@ -231,7 +231,8 @@ impl SqliteStore {
                     database,
                     &stop_checkpoints,
                     &restart_wanted,
-                    (rewind_after, checkpoint_interval),
+                    rewind_after,
+                    checkpoint_interval,
                 )
             })
             .map_err(|e| {
@@ -681,7 +682,8 @@ fn checkpoint_loop(
     database: File,
     stop: &AtomicBool,
     restart: &AtomicBool,
-    (rewind_after, interval): (i64, Duration),
+    rewind_after: i64,
+    interval: Duration,
 ) {
     let mut copied_before = 0;
     while !stop.load(Ordering::Relaxed) {
