@@ -12,12 +12,14 @@
 
 mod cache;
 mod codec;
+mod read_ahead;
 mod rows;
 mod schema;
 
 use async_trait::async_trait;
 use cache::ProfileCache;
 use chrono::{DateTime, Utc};
+use read_ahead::IndexReadAhead;
 use rusqlite::{Connection, OpenFlags};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -82,6 +84,7 @@ pub struct SqliteStore {
     writer_thread: Option<std::thread::JoinHandle<()>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     cache: Arc<ProfileCache>,
+    index_read_ahead: IndexReadAhead,
     /// Held while the store is open, unless opened only for reading; see [`lock_file`].
     _lock: Option<File>,
 }
@@ -259,6 +262,7 @@ impl SqliteStore {
             writer_thread: Some(writer_thread),
             readers: Arc::new(Mutex::new(readers)),
             cache,
+            index_read_ahead: IndexReadAhead::default(),
             _lock: lock,
         })
     }
@@ -325,7 +329,8 @@ impl SqliteStore {
     /// write reads (the profile's row, the store transaction's index entries, where its events
     /// go) may have to come from the disk. Read here, many requests wait for the disk at once,
     /// instead of the single writer thread waiting for each write's pages in turn. At 10k
-    /// profiles, once they are all cached, this reads nothing.
+    /// profiles, once they are all cached, this reads nothing. The index pages are read only
+    /// while doing so finds some on the disk ([`IndexReadAhead`]).
     ///
     /// Only a hint: it reads outside the write's transaction, and a failure is the write's to
     /// meet and report.
@@ -339,8 +344,12 @@ impl SqliteStore {
         let seen = self.cache.epoch();
         let read = self.read_inline(|conn| {
             let state = rows::load_profile(conn, app_id, &key)?;
-            let profile_id = state.as_ref().map(|s| s.profile.id);
-            rows::read_write_pages(conn, app_id, profile_id, lookup.chain.as_ref())?;
+            if self.index_read_ahead.due() {
+                let profile_id = state.as_ref().map(|s| s.profile.id);
+                self.index_read_ahead.run(|| {
+                    rows::read_write_pages(conn, app_id, profile_id, lookup.chain.as_ref())
+                })?;
+            }
             Ok(state)
         });
         match read {
