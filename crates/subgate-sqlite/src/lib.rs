@@ -12,6 +12,7 @@
 
 mod cache;
 mod codec;
+mod inline_readers;
 mod read_ahead;
 mod rows;
 mod schema;
@@ -19,6 +20,7 @@ mod schema;
 use async_trait::async_trait;
 use cache::ProfileCache;
 use chrono::{DateTime, Utc};
+use inline_readers::{InlineReaders, SharedReader};
 use read_ahead::IndexReadAhead;
 use rusqlite::{Connection, OpenFlags};
 use std::cell::RefCell;
@@ -71,7 +73,7 @@ static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 thread_local! {
     /// A reader connection per runtime thread and store: a point read runs right on the
     /// calling thread, with no hand-off to a blocking pool (which costs more than the read).
-    static INLINE_READERS: RefCell<HashMap<u64, Connection>> = RefCell::new(HashMap::new());
+    static INLINE_READERS: RefCell<HashMap<u64, SharedReader>> = RefCell::new(HashMap::new());
 }
 
 pub struct SqliteStore {
@@ -83,6 +85,7 @@ pub struct SqliteStore {
     writer: Option<mpsc::Sender<Job>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    inline_readers: Arc<InlineReaders>,
     cache: Arc<ProfileCache>,
     index_read_ahead: IndexReadAhead,
     /// Held while the store is open, unless opened only for reading; see [`lock_file`].
@@ -224,6 +227,8 @@ impl SqliteStore {
         let rewind_after = i64::from(options.wal_rewind_pages);
         let checkpoint_interval = options.checkpoint_interval;
         let restart_wanted = Arc::clone(&restart);
+        let inline_readers = Arc::new(InlineReaders::new(owner));
+        let checkpoint_readers = Arc::clone(&inline_readers);
         std::thread::Builder::new()
             // Linux keeps 15 bytes of a thread name: short names tell the threads apart in
             // top and perf.
@@ -234,6 +239,7 @@ impl SqliteStore {
                     database,
                     &stop_checkpoints,
                     &restart_wanted,
+                    &checkpoint_readers,
                     rewind_after,
                     checkpoint_interval,
                 )
@@ -250,9 +256,10 @@ impl SqliteStore {
             options.cached_profiles_mib.saturating_mul(1 << 20),
         ));
         let writer_cache = Arc::clone(&cache);
+        let writer_readers = Arc::clone(&inline_readers);
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, &writer_cache, &restart))
+            .spawn(move || writer_loop(writer_conn, rx, &writer_cache, &writer_readers, &restart))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             stop,
@@ -261,6 +268,7 @@ impl SqliteStore {
             writer: Some(tx),
             writer_thread: Some(writer_thread),
             readers: Arc::new(Mutex::new(readers)),
+            inline_readers,
             cache,
             index_read_ahead: IndexReadAhead::default(),
             _lock: lock,
@@ -303,25 +311,26 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        INLINE_READERS.with(|cell| {
+        let reader = INLINE_READERS.with(|cell| {
             let mut readers = cell.borrow_mut();
-            let conn = match readers.entry(self.id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let conn = open_connection(&self.path)?;
-                    // The profile table's interior pages at a million profiles take about 3 MB
-                    // (748 pages); 8 MB keeps them beside the leaves reads bring in. There is
-                    // one such connection per runtime thread, and a node runs more threads
-                    // than cores (`server.worker_threads`): with 6 threads at 1M, 8 MB each
-                    // read as fast as 32 MB each, and the node peaked at 135 MiB instead of
-                    // 285 MiB.
-                    conn.execute_batch("PRAGMA cache_size = -8192")
-                        .map_err(unavailable)?;
-                    v.insert(conn)
-                }
-            };
-            f(conn)
-        })
+            if let Some(reader) = readers.get(&self.id) {
+                return Ok(Arc::clone(reader));
+            }
+            // Closed stores' entries: only this map still holds them.
+            readers.retain(|_, reader| Arc::strong_count(reader) > 1);
+            let conn = open_connection(&self.path)?;
+            // The profile table's interior pages at a million profiles take about 3 MB (748
+            // pages); 8 MB keeps them beside the leaves reads bring in. There is one such
+            // connection per runtime thread, and a node runs more threads than cores
+            // (`server.worker_threads`): with 6 threads at 1M, 8 MB each read as fast as 32 MB
+            // each, and the node peaked at 135 MiB instead of 285 MiB.
+            conn.execute_batch("PRAGMA cache_size = -8192")
+                .map_err(unavailable)?;
+            let reader = self.inline_readers.register(conn);
+            readers.insert(self.id, Arc::clone(&reader));
+            Ok(reader)
+        })?;
+        self.inline_readers.read(&reader, f)
     }
 
     /// Reads what a write will need on this thread before the write is queued, when its
@@ -556,8 +565,14 @@ impl Store for SqliteStore {
         })
         .await?;
         // A checkpoint cannot run inside the writer's transaction: a reader connection does it.
-        self.read(|conn| checkpoint(conn, "TRUNCATE").map(drop).map_err(unavailable))
-            .await
+        let inline_readers = Arc::clone(&self.inline_readers);
+        self.read(move |conn| {
+            inline_readers
+                .without_snapshots(|| checkpoint(conn, "TRUNCATE"))
+                .map(drop)
+                .map_err(unavailable)
+        })
+        .await
     }
 
     async fn due_expirations(
@@ -651,6 +666,8 @@ impl Drop for SqliteStore {
     /// no long log for the next start to copy.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Before the writer's last checkpoint, which must find no reader in the WAL.
+        self.inline_readers.close();
         drop(self.writer.take());
         if let Some(writer) = self.writer_thread.take() {
             let _ = writer.join();
@@ -691,6 +708,7 @@ fn checkpoint_loop(
     database: File,
     stop: &AtomicBool,
     restart: &AtomicBool,
+    inline_readers: &InlineReaders,
     rewind_after: i64,
     interval: Duration,
 ) {
@@ -702,6 +720,7 @@ fn checkpoint_loop(
             // busy handler (which sleeps up to 100 ms at a time).
             continue;
         }
+        inline_readers.end_stale();
         let result = checkpoint(&conn, "PASSIVE").and_then(|progress| {
             if progress.copied != copied_before {
                 copied_before = progress.copied;
@@ -737,6 +756,7 @@ fn writer_loop(
     mut conn: Connection,
     jobs: mpsc::Receiver<Job>,
     cache: &ProfileCache,
+    inline_readers: &InlineReaders,
     restart: &AtomicBool,
 ) {
     loop {
@@ -748,7 +768,7 @@ fn writer_loop(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         if restart.load(Ordering::Acquire) {
-            restart_wal(&conn);
+            inline_readers.without_snapshots(|| restart_wal(&conn));
             restart.store(false, Ordering::Release);
         }
         let Some(first) = first else { continue };
@@ -761,6 +781,7 @@ fn writer_loop(
         }
         let (replies, commit_error, touched) = run_batch(&mut conn, batch, cache);
         // Before any answer, so a client never reads its own write's old state back.
+        inline_readers.committed();
         match touched {
             Touched::Profiles { ids, saved } if commit_error.is_none() => {
                 cache.committed(&ids, saved)
@@ -773,7 +794,7 @@ fn writer_loop(
         }
     }
     // The store was dropped: a last full checkpoint, so a stopped node leaves a short WAL.
-    if let Err(e) = checkpoint(&conn, "TRUNCATE") {
+    if let Err(e) = inline_readers.without_snapshots(|| checkpoint(&conn, "TRUNCATE")) {
         tracing::warn!(error = %e, "the last checkpoint failed; the next start copies the WAL");
     }
 }
@@ -1111,6 +1132,21 @@ mod tests {
             .is_none());
     }
 
+    /// On one runtime thread, whose reader connection keeps its snapshot between reads.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_read_after_a_commit_sees_it_on_a_connection_that_kept_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db"), &SqliteOptions::default()).unwrap();
+        let (app, id) = (Uuid::now_v7(), Uuid::now_v7());
+        create(&store, app, id, "u").await;
+        let key = ProfileKey::CustomerUserId("u".into());
+        assert_eq!(store.load_rendered(app, &key).await.unwrap(), None);
+        let saved = store.save_rendered(app, id, 1, b"answer".to_vec()).await;
+        assert!(saved.unwrap());
+        let rendered = store.load_rendered(app, &key).await.unwrap();
+        assert_eq!(rendered.as_deref(), Some(&b"answer"[..]));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_store_leaves_an_empty_wal() {
         let dir = tempfile::tempdir().unwrap();
@@ -1122,6 +1158,9 @@ mod tests {
         let written = store.write(app, by_customer_user_id("u"), decide).await;
         assert!(matches!(written, Ok(Outcome::Saved(_))));
         assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        // A reader connection now holds a snapshot in the WAL, which the drop must end.
+        let key = ProfileKey::CustomerUserId("u".into());
+        assert_eq!(store.load_rendered(app, &key).await.unwrap(), None);
         drop(store);
         assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
         // And what was written is in the database file.
