@@ -6,8 +6,13 @@
 //! the server's CPU under cached profile reads at 10k. A read in a transaction that is still
 //! open skips both. The transaction is one snapshot of the database, so it is kept only while
 //! it is current: the writer counts its commits ([`InlineReaders::committed`], before any
-//! answer goes out), and a read that finds the count moved since its snapshot began ends it
-//! and begins another. A client therefore reads its own writes as before.
+//! answer goes out), and a read that finds the count moved since its snapshot began ends it.
+//! A client therefore reads its own writes as before.
+//!
+//! Under a steady mix of writes most snapshots would end after a read or two, and beginning
+//! and ending them cost more than they saved (mixed loads took 1-2 µs more per request). So a
+//! connection opens one only when nothing was committed since its previous read; otherwise the
+//! read is its own transaction, as before.
 //!
 //! An open snapshot also holds the WAL: a checkpoint cannot copy frames a snapshot does not
 //! see, and a rewind waits for every reader to leave the log. So the checkpoint thread ends
@@ -30,6 +35,8 @@ pub(crate) struct InlineReader {
     conn: Option<Connection>,
     /// The commit count when its open read transaction began; `None` when none is open.
     snapshot: Option<u64>,
+    /// The commit count at its previous read.
+    previous_read: Option<u64>,
 }
 
 pub(crate) type SharedReader = Arc<Mutex<InlineReader>>;
@@ -51,12 +58,20 @@ fn failed(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// `BEGIN` or `COMMIT`, prepared once per connection.
+fn run(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut statement| statement.execute([]))
+        .map(drop)
+        .map_err(failed)
+}
+
 impl InlineReader {
     /// Ends the open read transaction, if any.
     fn end_snapshot(&mut self) -> Result<(), StoreError> {
         self.snapshot = None;
         match &self.conn {
-            Some(conn) if !conn.is_autocommit() => conn.execute_batch("COMMIT").map_err(failed),
+            Some(conn) if !conn.is_autocommit() => run(conn, "COMMIT"),
             _ => Ok(()),
         }
     }
@@ -77,6 +92,7 @@ impl InlineReaders {
         let reader = Arc::new(Mutex::new(InlineReader {
             conn: Some(conn),
             snapshot: None,
+            previous_read: None,
         }));
         lock(&self.all).push(Arc::clone(&reader));
         reader
@@ -99,15 +115,17 @@ impl InlineReaders {
             return f(conn);
         }
         let commits = self.commits.load(Ordering::Acquire);
-        if reader.snapshot != Some(commits) {
+        if reader.snapshot.is_some_and(|s| s != commits) {
             reader.end_snapshot()?;
-            let conn = reader.conn.as_ref().ok_or_else(closed)?;
+        }
+        let quiet = reader.previous_read.replace(commits) == Some(commits);
+        let draining = self.draining.load(Ordering::Acquire);
+        if reader.snapshot.is_none() && quiet && !draining {
             // Deferred: the snapshot is taken by `f`'s first read, after `commits` was loaded.
-            conn.execute_batch("BEGIN").map_err(failed)?;
+            run(reader.conn.as_ref().ok_or_else(closed)?, "BEGIN")?;
             reader.snapshot = Some(commits);
         }
-        let conn = reader.conn.as_ref().ok_or_else(closed)?;
-        let result = f(conn);
+        let result = f(reader.conn.as_ref().ok_or_else(closed)?);
         if result.is_err() || self.draining.load(Ordering::Acquire) {
             // An error ends the transaction too, whatever state it left it in.
             let _ = reader.end_snapshot();
@@ -193,10 +211,17 @@ mod tests {
         let (dir, writer) = file_with_rows();
         let readers = InlineReaders::new(true);
         let reader = readers.register(Connection::open(dir.path().join("t.db")).unwrap());
+        let in_snapshot = || !lock(&reader).conn.as_ref().unwrap().is_autocommit();
+        // The first read after a commit is its own transaction; the next keeps one open.
         assert_eq!(count(&readers, &reader), 1);
-        assert!(!lock(&reader).conn.as_ref().unwrap().is_autocommit());
+        assert!(!in_snapshot());
+        assert_eq!(count(&readers, &reader), 1);
+        assert!(in_snapshot());
         insert(&writer, &readers);
         assert_eq!(count(&readers, &reader), 2);
+        assert!(!in_snapshot());
+        assert_eq!(count(&readers, &reader), 2);
+        assert!(in_snapshot());
 
         // An idle reader's stale snapshot holds the WAL until the checkpoint thread ends it.
         insert(&writer, &readers);
@@ -222,6 +247,7 @@ mod tests {
         let reader = readers.register(Connection::open(dir.path().join("t.db")).unwrap());
         insert(&writer, &readers);
         assert_eq!(count(&readers, &reader), 2);
+        assert_eq!(count(&readers, &reader), 2);
         let truncate = || -> i64 {
             writer
                 .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
@@ -243,6 +269,7 @@ mod tests {
         let (dir, _writer) = file_with_rows();
         let readers = InlineReaders::new(false);
         let reader = readers.register(Connection::open(dir.path().join("t.db")).unwrap());
+        assert_eq!(count(&readers, &reader), 1);
         assert_eq!(count(&readers, &reader), 1);
         assert!(lock(&reader).conn.as_ref().unwrap().is_autocommit());
         readers.close();
