@@ -17,8 +17,9 @@
 //! An open snapshot also holds the WAL: a checkpoint cannot copy frames a snapshot does not
 //! see, and a rewind waits for every reader to leave the log. So the checkpoint thread ends
 //! the stale snapshots of idle connections before each checkpoint
-//! ([`InlineReaders::end_stale`]), and the rewinds and the last checkpoint run inside
-//! [`InlineReaders::without_snapshots`], during which every read ends its transaction.
+//! ([`InlineReaders::end_stale`]), the rewinds run inside [`InlineReaders::without_snapshots`],
+//! during which every read ends its transaction, and a closing store closes the connections
+//! ([`InlineReaders::close`]) before its last checkpoint.
 //!
 //! Only the file's owner keeps snapshots: a store opened beside its owner, for reading, sees
 //! no count of the owner's commits, so each of its reads is its own transaction.
@@ -29,12 +30,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::Connection;
 use subgate_core::store::StoreError;
 
+use crate::{store_closing, unavailable};
+
 /// One thread's connection, shared with the store so that other threads can end its snapshot.
+/// A snapshot is open while the connection is in a transaction (it runs nothing else), and is
+/// then as old as `previous_read`: a read that finds the count moved ends it.
 pub(crate) struct InlineReader {
     /// `None` once the store closed.
     conn: Option<Connection>,
-    /// The commit count when its open read transaction began; `None` when none is open.
-    snapshot: Option<u64>,
     /// The commit count at its previous read.
     previous_read: Option<u64>,
 }
@@ -54,26 +57,25 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn failed(e: rusqlite::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
 /// `BEGIN` or `COMMIT`, prepared once per connection.
 fn run(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     conn.prepare_cached(sql)
         .and_then(|mut statement| statement.execute([]))
         .map(drop)
-        .map_err(failed)
+        .map_err(unavailable)
+}
+
+/// Ends the open read transaction, if any.
+fn end_snapshot(conn: &Connection) -> Result<(), StoreError> {
+    if conn.is_autocommit() {
+        return Ok(());
+    }
+    run(conn, "COMMIT")
 }
 
 impl InlineReader {
-    /// Ends the open read transaction, if any.
-    fn end_snapshot(&mut self) -> Result<(), StoreError> {
-        self.snapshot = None;
-        match &self.conn {
-            Some(conn) if !conn.is_autocommit() => run(conn, "COMMIT"),
-            _ => Ok(()),
-        }
+    fn end_snapshot(&self) -> Result<(), StoreError> {
+        self.conn.as_ref().map_or(Ok(()), end_snapshot)
     }
 }
 
@@ -91,7 +93,6 @@ impl InlineReaders {
     pub fn register(&self, conn: Connection) -> SharedReader {
         let reader = Arc::new(Mutex::new(InlineReader {
             conn: Some(conn),
-            snapshot: None,
             previous_read: None,
         }));
         lock(&self.all).push(Arc::clone(&reader));
@@ -109,26 +110,26 @@ impl InlineReaders {
         reader: &Mutex<InlineReader>,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut reader = lock(reader);
+        let mut guard = lock(reader);
+        let reader = &mut *guard;
+        let conn = reader.conn.as_ref().ok_or_else(store_closing)?;
         if !self.keep_snapshots {
-            let conn = reader.conn.as_ref().ok_or_else(closed)?;
             return f(conn);
         }
         let commits = self.commits.load(Ordering::Acquire);
-        if reader.snapshot.is_some_and(|s| s != commits) {
-            reader.end_snapshot()?;
-        }
         let quiet = reader.previous_read.replace(commits) == Some(commits);
-        let draining = self.draining.load(Ordering::Acquire);
-        if reader.snapshot.is_none() && quiet && !draining {
+        if !conn.is_autocommit() {
+            if !quiet {
+                end_snapshot(conn)?;
+            }
+        } else if quiet && !self.draining.load(Ordering::Acquire) {
             // Deferred: the snapshot is taken by `f`'s first read, after `commits` was loaded.
-            run(reader.conn.as_ref().ok_or_else(closed)?, "BEGIN")?;
-            reader.snapshot = Some(commits);
+            run(conn, "BEGIN")?;
         }
-        let result = f(reader.conn.as_ref().ok_or_else(closed)?);
+        let result = f(conn);
         if result.is_err() || self.draining.load(Ordering::Acquire) {
             // An error ends the transaction too, whatever state it left it in.
-            let _ = reader.end_snapshot();
+            let _ = end_snapshot(conn);
         }
         result
     }
@@ -137,8 +138,8 @@ impl InlineReaders {
     pub fn end_stale(&self) {
         let commits = self.commits.load(Ordering::Acquire);
         for reader in lock(&self.all).iter() {
-            let mut reader = lock(reader);
-            if reader.snapshot.is_some_and(|s| s != commits) {
+            let reader = lock(reader);
+            if reader.previous_read != Some(commits) {
                 if let Err(e) = reader.end_snapshot() {
                     tracing::warn!(error = %e, "could not end a reader's transaction");
                 }
@@ -172,10 +173,6 @@ impl InlineReaders {
     }
 }
 
-fn closed() -> StoreError {
-    StoreError::Internal("the store is closing".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,7 +193,7 @@ mod tests {
         readers
             .read(reader, |c| {
                 c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-                    .map_err(failed)
+                    .map_err(unavailable)
             })
             .unwrap()
     }

@@ -132,6 +132,10 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+fn store_closing() -> StoreError {
+    StoreError::Internal("the store is closing".into())
+}
+
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
@@ -371,7 +375,7 @@ impl SqliteStore {
     fn send(&self, job: Job) -> Result<(), StoreError> {
         self.writer
             .as_ref()
-            .ok_or_else(|| StoreError::Internal("the store is closing".into()))?
+            .ok_or_else(store_closing)?
             .send(job)
             .map_err(|_| StoreError::Internal("the writer thread has stopped".into()))
     }
@@ -794,7 +798,8 @@ fn writer_loop(
         }
     }
     // The store was dropped: a last full checkpoint, so a stopped node leaves a short WAL.
-    if let Err(e) = inline_readers.without_snapshots(|| checkpoint(&conn, "TRUNCATE")) {
+    // (`SqliteStore::drop` closed the reader connections before ending this loop.)
+    if let Err(e) = checkpoint(&conn, "TRUNCATE") {
         tracing::warn!(error = %e, "the last checkpoint failed; the next start copies the WAL");
     }
 }
