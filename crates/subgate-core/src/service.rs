@@ -213,9 +213,33 @@ impl From<WriteError> for ApiError {
     }
 }
 
-fn saved(outcome: Outcome, missing: Missing) -> Result<Arc<ProfileState>, ApiError> {
+/// A profile as a write left it, with the answer to a read the write stored beside it, if it
+/// stored one (see [`ProfileRenderer`]): the write's response can send that answer instead of
+/// rendering the profile a second time. Derefs to the state.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub state: Arc<ProfileState>,
+    pub answer: Option<Vec<u8>>,
+}
+
+impl std::ops::Deref for Written {
+    type Target = ProfileState;
+
+    fn deref(&self) -> &ProfileState {
+        &self.state
+    }
+}
+
+fn saved(outcome: Outcome, missing: Missing) -> Result<Written, ApiError> {
     match outcome {
-        Outcome::Saved(state) | Outcome::Kept(Some(state)) => Ok(state),
+        Outcome::Saved { state, rendered } => Ok(Written {
+            state,
+            answer: rendered,
+        }),
+        Outcome::Kept(Some(state)) => Ok(Written {
+            state,
+            answer: None,
+        }),
         Outcome::Kept(None) | Outcome::Deleted => Err(missing.error()),
     }
 }
@@ -314,7 +338,7 @@ impl Services {
         lookup: Lookup,
         decide: Decide,
         missing: Missing,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         let outcome = self.store_write(app, lookup, decide).await?;
         saved(outcome, missing)
     }
@@ -352,7 +376,7 @@ impl Services {
         app: &App,
         who: &Identity,
         update: ProfileUpdate,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         let now = self.now();
         let new_id = who.profile_id.unwrap_or_else(Uuid::now_v7);
         let app_id = app.id();
@@ -393,7 +417,7 @@ impl Services {
         app: &App,
         who: &Identity,
         update: ProfileUpdate,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         let now = self.now();
         let decide: Decide = Box::new(move |loaded: &Loaded| {
             let mut next = next_version(existing(loaded, Missing::NotFound)?, now);
@@ -427,7 +451,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: TransactionInput,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         let valid = transaction::validate(input, app, &self.rates)?;
         let now = self.now();
         // Time-ordered ids keep the id index append-only instead of touching a random page.
@@ -526,7 +550,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: GrantInput,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         require_level(app, &input.access_level_id)?;
         let now = self.now();
         let starts_at = input.starts_at.unwrap_or(now);
@@ -575,7 +599,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: RevokeInput,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         require_level(app, &input.access_level_id)?;
         let now = self.now();
         let app_for_decide = app.clone();
@@ -641,7 +665,7 @@ impl Services {
         app: &App,
         who: &Identity,
         input: GrantV1Input,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         require_level(app, &input.access_level_id)?;
         let now = self.now();
         let starts_at = input.starts_at.unwrap_or(now);
@@ -787,7 +811,7 @@ impl Services {
         who: &Identity,
         access_level_id: String,
         is_refund: bool,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         require_level(app, &access_level_id)?;
         let now = self.now();
         let app_for_decide = app.clone();
@@ -856,7 +880,7 @@ impl Services {
         customer_user_id: &str,
         chain: ChainRef,
         purchases: Vec<Transaction>,
-    ) -> Result<Arc<ProfileState>, ApiError> {
+    ) -> Result<Written, ApiError> {
         let now = self.now();
         let app_id = app.id();
         let new_profile_id = Uuid::now_v7();

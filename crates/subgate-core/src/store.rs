@@ -106,8 +106,13 @@ pub enum Change {
 
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    /// Shared, so a backend can keep the committed state (a cache) without copying it.
-    Saved(Arc<ProfileState>),
+    Saved {
+        /// Shared, so a backend can keep the committed state (a cache) without copying it.
+        state: Arc<ProfileState>,
+        /// The answer to a read stored with it ([`Change::Save`]'s), handed back so that the
+        /// write's own response need not render the profile again.
+        rendered: Option<Vec<u8>>,
+    },
     Kept(Option<Arc<ProfileState>>),
     Deleted,
 }

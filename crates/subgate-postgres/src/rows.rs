@@ -727,7 +727,10 @@ pub async fn write(
                     }
                 }
             }
-            Ok(Outcome::Saved(Arc::new(state)))
+            Ok(Outcome::Saved {
+                state: Arc::new(state),
+                rendered,
+            })
         }
         Change::Delete { profile } => {
             // The row lists its transactions (the table has no index by profile): each is

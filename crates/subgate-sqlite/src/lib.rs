@@ -878,7 +878,7 @@ impl BatchTouches {
         for id in &self.ids[from..] {
             self.latest.insert(*id, None);
         }
-        if let Ok(Outcome::Saved(state)) = result {
+        if let Ok(Outcome::Saved { state, .. }) = result {
             self.latest
                 .insert(state.profile.id, Some(Arc::clone(state)));
         }
@@ -1081,7 +1081,7 @@ mod tests {
                 create_as(app, id, cuid, Uuid::now_v7()),
             )
             .await;
-        assert!(matches!(created, Ok(Outcome::Saved(_))), "{created:?}");
+        assert!(matches!(created, Ok(Outcome::Saved { .. })), "{created:?}");
     }
 
     fn by_customer_user_id(cuid: &str) -> Lookup {
@@ -1100,7 +1100,7 @@ mod tests {
         let taken_event_id = Uuid::now_v7();
         let first = create_as(app, Uuid::now_v7(), "first", taken_event_id);
         let first = store.write(app, by_customer_user_id("first"), first).await;
-        assert!(matches!(first, Ok(Outcome::Saved(_))));
+        assert!(matches!(first, Ok(Outcome::Saved { .. })));
 
         // Sent at once, so the writer takes many of them in one batch. Number 20 stores its
         // profile, then an event under an id already taken: it fails in the database after
@@ -1126,7 +1126,10 @@ mod tests {
             if i == 20 {
                 assert!(matches!(result, Err(WriteError::Store(_))), "{result:?}");
             } else {
-                assert!(matches!(result, Ok(Outcome::Saved(_))), "{i}: {result:?}");
+                assert!(
+                    matches!(result, Ok(Outcome::Saved { .. })),
+                    "{i}: {result:?}"
+                );
             }
         }
         assert_eq!(store.counts().await.unwrap().profiles, WRITES as u64);
@@ -1164,7 +1167,7 @@ mod tests {
         let app = Uuid::now_v7();
         let decide = create_as(app, Uuid::now_v7(), "u", Uuid::now_v7());
         let written = store.write(app, by_customer_user_id("u"), decide).await;
-        assert!(matches!(written, Ok(Outcome::Saved(_))));
+        assert!(matches!(written, Ok(Outcome::Saved { .. })));
         assert!(std::fs::metadata(&wal).unwrap().len() > 0);
         // A reader connection now holds a snapshot in the WAL, which the drop must end.
         let key = ProfileKey::CustomerUserId("u".into());
@@ -1423,7 +1426,7 @@ mod tests {
             })
         });
         let saved = store.write(app, by_customer_user_id("alpha"), bump).await;
-        assert!(matches!(saved, Ok(Outcome::Saved(_))), "{saved:?}");
+        assert!(matches!(saved, Ok(Outcome::Saved { .. })), "{saved:?}");
         assert_eq!(stored_types(&conn), ("blob".into(), "blob".into(), 1));
         drop(store);
         let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();

@@ -711,7 +711,10 @@ pub fn write(
                     "a profile row's transactions differ from the transactions table"
                 );
             }
-            Ok(Outcome::Saved(Arc::new(state)))
+            Ok(Outcome::Saved {
+                state: Arc::new(state),
+                rendered,
+            })
         }
         Change::Delete { profile } => {
             touch(touched);

@@ -11,8 +11,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{Map, Value};
 use subgate_core::attributes;
-use subgate_core::model::{Environment, ProfileState, PurchaseType};
-use subgate_core::service::{FieldsPatch, GrantInput, ProfileUpdate, RevokeInput};
+use subgate_core::model::{Environment, PurchaseType};
+use subgate_core::service::{FieldsPatch, GrantInput, ProfileUpdate, RevokeInput, Written};
 use subgate_core::transaction::{OfferIdInput, OfferInput, PriceInput, TransactionInput};
 use subgate_core::ApiError;
 
@@ -41,8 +41,15 @@ pub fn routes() -> Router<AppContext> {
         )
 }
 
-fn render(ctx: &AppContext, auth: &Authenticated, state: &ProfileState) -> Response {
-    wire::profile(&auth.app, state, ctx.services.now())
+/// A write's response: the answer to a read the write stored, while it holds (the same bytes
+/// a read would send now), or the profile rendered anew.
+fn render(ctx: &AppContext, auth: &Authenticated, written: &Written) -> Response {
+    let now = ctx.services.now();
+    match (written.answer.as_deref()).and_then(|stored| ctx.rendered.answer(&auth.app, stored, now))
+    {
+        Some(body) => wire::json_bytes_response(body),
+        None => wire::profile(&auth.app, written, now),
+    }
 }
 
 async fn get_profile(

@@ -181,6 +181,8 @@ async fn a_read_past_the_stored_answer_renews_it(backend: Backend) {
     let key = subgate_core::model::ProfileKey::CustomerUserId("u".into());
     let stored = || async { store.load_rendered(app_id, &key).await.unwrap() };
     let written = stored().await.expect("the grant stored an answer");
+    // The grant answered with that answer, as a read at the same instant does.
+    assert_eq!(s.get("u").await, p["data"]);
     assert!(is_active(&s.get("u").await, "premium", s.now()));
     assert_eq!(
         stored().await.as_ref(),

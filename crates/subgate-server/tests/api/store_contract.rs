@@ -208,7 +208,7 @@ async fn record(store: &dyn Store, cuid: &str, tx_id: &str, original: &str) -> O
 
 async fn saved(outcome: Outcome) -> ProfileState {
     match outcome {
-        Outcome::Saved(state) => std::sync::Arc::unwrap_or_clone(state),
+        Outcome::Saved { state, .. } => std::sync::Arc::unwrap_or_clone(state),
         other => panic!("expected a save, got {other:?}"),
     }
 }
@@ -784,7 +784,14 @@ async fn a_stored_answer_lasts_until_its_profile_changes(backend: Backend) {
         }
     };
     assert_eq!(rendered("first").await, None, "no such profile");
-    saved(record(&*store, "first", "t1", "t1").await).await;
+    // The write hands back the answer it stored, for its own response.
+    match record(&*store, "first", "t1", "t1").await {
+        Outcome::Saved { state, rendered } => {
+            assert_eq!(rendered, Some(answer(&state)));
+            assert_eq!(rendered.as_deref(), Some(&b"first v1"[..]));
+        }
+        other => panic!("expected a save, got {other:?}"),
+    }
     assert_eq!(rendered("first").await.as_deref(), Some("first v1"));
     saved(record(&*store, "first", "t2", "t2").await).await;
     assert_eq!(rendered("first").await.as_deref(), Some("first v2"));
