@@ -76,8 +76,8 @@ struct Args {
     /// PostgreSQL database; each size gets its own schema there, recreated. By default the
     /// local server's `test` database, through its Unix socket when there is one (as a node on
     /// the database's machine would connect), else over TCP on 127.0.0.1.
-    #[arg(long)]
-    postgres_url: Option<String>,
+    #[arg(long, default_value_t = default_postgres_url())]
+    postgres_url: String,
     /// Where the SQLite files, configs and logs go.
     #[arg(long, default_value = "target/bench")]
     dir: PathBuf,
@@ -287,9 +287,9 @@ async fn fresh_database(
         "postgres" => {
             let schema = format!("subgate_bench_{size}");
             let (client, connection) =
-                tokio_postgres::connect(args.postgres_url(), tokio_postgres::NoTls)
+                tokio_postgres::connect(&args.postgres_url, tokio_postgres::NoTls)
                     .await
-                    .with_context(|| format!("connecting to {}", args.postgres_url()))?;
+                    .with_context(|| format!("connecting to {}", args.postgres_url))?;
             tokio::spawn(connection);
             let recreate = if reuse {
                 format!("CREATE SCHEMA IF NOT EXISTS {schema}")
@@ -297,14 +297,14 @@ async fn fresh_database(
                 format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")
             };
             client.batch_execute(&recreate).await?;
-            let separator = if args.postgres_url().contains('?') {
+            let separator = if args.postgres_url.contains('?') {
                 '&'
             } else {
                 '?'
             };
             Ok(format!(
                 "{}{separator}options=-csearch_path%3D{schema}",
-                args.postgres_url()
+                args.postgres_url
             ))
         }
         other => bail!("unknown backend `{other}` (sqlite or postgres)"),
@@ -517,7 +517,7 @@ async fn prepare(
             store.after_bulk_load().await?;
             drop(store);
             if backend == "postgres" {
-                checkpoint(args.postgres_url()).await;
+                checkpoint(&args.postgres_url).await;
             }
             eprintln!(
                 "{backend}: seeded {size} profiles in {seconds:.1} s ({:.0}/s)",
@@ -590,18 +590,9 @@ fn default_postgres_url() -> String {
     }
 }
 
-impl Args {
-    fn postgres_url(&self) -> &str {
-        self.postgres_url.as_deref().unwrap_or_default()
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = Args::parse();
-    if args.postgres_url.is_none() {
-        args.postgres_url = Some(default_postgres_url());
-    }
+    let args = Args::parse();
     std::fs::create_dir_all(&args.dir)?;
     let scenarios = args
         .scenarios
@@ -620,7 +611,7 @@ async fn main() -> anyhow::Result<()> {
         args.concurrency, args.duration, args.rounds, args.baseline_duration
     );
     if args.backends.iter().any(|b| b == "postgres") {
-        println!("PostgreSQL at {}", args.postgres_url());
+        println!("PostgreSQL at {}", args.postgres_url);
     }
     println!(
         "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>6} {:>6}",
@@ -728,7 +719,7 @@ async fn main() -> anyhow::Result<()> {
         "duration_seconds": args.duration,
         "baseline_duration_seconds": args.baseline_duration,
         "rounds": args.rounds,
-        "postgres_url": args.postgres_url(),
+        "postgres_url": args.postgres_url,
         "results": rows,
         "servers": servers,
         "scale": scale,

@@ -45,8 +45,8 @@ pub fn routes() -> Router<AppContext> {
 /// a read would send now), or the profile rendered anew.
 fn render(ctx: &AppContext, auth: &Authenticated, written: &Written) -> Response {
     let now = ctx.services.now();
-    match (written.answer.as_deref()).and_then(|stored| ctx.rendered.answer(&auth.app, stored, now))
-    {
+    let stored = written.answer.as_deref();
+    match stored.and_then(|stored| ctx.rendered.answer(&auth.app, stored, now)) {
         Some(body) => wire::json_bytes_response(body),
         None => wire::profile(&auth.app, written, now),
     }
