@@ -129,7 +129,7 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// The machine's idle ticks (idle and iowait) and all its ticks so far, over every CPU, from
-/// the first line of `/proc/stat`.
+/// the first line of `/proc/stat` (in USER_HZ, as a process's).
 fn machine_ticks() -> Option<(u64, u64)> {
     idle_and_all_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
 }
@@ -324,6 +324,15 @@ impl Measured {
             .map(|cpu| seconds(&cpu) / self.outcome.requests as f64 * 1e6)
     }
 
+    /// CPU time per request of everything on the machine but the server and the load
+    /// generator: mostly PostgreSQL's backends, when PostgreSQL runs on this machine.
+    fn rest_us_per_request(&self) -> Option<f64> {
+        self.per_request_us(|c| {
+            let busy = c.all_ticks.saturating_sub(c.idle_ticks) as f64 / 100.0;
+            (busy - c.server_seconds - c.generator_seconds).max(0.0)
+        })
+    }
+
     fn idle_percent(&self) -> Option<f64> {
         self.cpu
             .filter(|cpu| cpu.all_ticks > 0)
@@ -452,6 +461,7 @@ fn row(
         "errors": outcome.errors,
         "server_cpu_us_per_request": tenths(measured.per_request_us(|c| c.server_seconds)),
         "generator_cpu_us_per_request": tenths(measured.per_request_us(|c| c.generator_seconds)),
+        "rest_cpu_us_per_request": tenths(measured.rest_us_per_request()),
         "machine_idle_percent": tenths(measured.idle_percent()),
     })
 }
@@ -459,7 +469,7 @@ fn row(
 fn print_row(r: &Value) {
     let tenth = |v: &Value| v.as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "{:<9} {:>8} {:<16} {:>9.0} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7} {:>6} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9.0} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7} {:>7} {:>6} {:>6}",
         r["backend"].as_str().unwrap_or(""),
         r["profiles"].as_u64().unwrap_or(0),
         r["scenario"].as_str().unwrap_or(""),
@@ -473,6 +483,7 @@ fn print_row(r: &Value) {
         r["p999_ms"].as_f64().unwrap_or(0.0),
         tenth(&r["server_cpu_us_per_request"]),
         tenth(&r["generator_cpu_us_per_request"]),
+        tenth(&r["rest_cpu_us_per_request"]),
         tenth(&r["machine_idle_percent"]),
         r["errors"],
     );
@@ -606,7 +617,8 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "concurrency {}, {} s per scenario in {} slices, each after a slice of /health ({} s in \
          all, `base/s`); `x base` is the median of the slices' ratios; latencies in ms; CPU \
-         time per request of the server (`cpu µs`) and of this load generator (`gen µs`), and \
+         time per request of the server (`cpu µs`), of this load generator (`gen µs`) and of \
+         the rest of the machine (`rest µs`: PostgreSQL's backends, when it runs here), and \
          the share of the machine's CPU time left idle",
         args.concurrency, args.duration, args.rounds, args.baseline_duration
     );
@@ -614,7 +626,7 @@ async fn main() -> anyhow::Result<()> {
         println!("PostgreSQL at {}", args.postgres_url);
     }
     println!(
-        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>6} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6}",
         "backend",
         "profiles",
         "scenario",
@@ -626,6 +638,7 @@ async fn main() -> anyhow::Result<()> {
         "p99.9",
         "cpu µs",
         "gen µs",
+        "rest µs",
         "idle %",
         "errors"
     );
