@@ -178,6 +178,14 @@ impl CpuUse {
         }
     }
 
+    /// CPU seconds of everything on the machine but the server and the load generator: mostly
+    /// PostgreSQL's backends, when PostgreSQL runs on this machine. The machine's ticks are
+    /// sampled apart from the processes' and in coarser units, so a small negative is zero.
+    fn rest_seconds(&self) -> f64 {
+        let busy = self.all_ticks.saturating_sub(self.idle_ticks) as f64 / 100.0;
+        (busy - self.server_seconds - self.generator_seconds).max(0.0)
+    }
+
     fn plus(self, other: CpuUse) -> CpuUse {
         CpuUse {
             server_seconds: self.server_seconds + other.server_seconds,
@@ -324,15 +332,6 @@ impl Measured {
             .map(|cpu| seconds(&cpu) / self.outcome.requests as f64 * 1e6)
     }
 
-    /// CPU time per request of everything on the machine but the server and the load
-    /// generator: mostly PostgreSQL's backends, when PostgreSQL runs on this machine.
-    fn rest_us_per_request(&self) -> Option<f64> {
-        self.per_request_us(|c| {
-            let busy = c.all_ticks.saturating_sub(c.idle_ticks) as f64 / 100.0;
-            (busy - c.server_seconds - c.generator_seconds).max(0.0)
-        })
-    }
-
     fn idle_percent(&self) -> Option<f64> {
         self.cpu
             .filter(|cpu| cpu.all_ticks > 0)
@@ -461,7 +460,7 @@ fn row(
         "errors": outcome.errors,
         "server_cpu_us_per_request": tenths(measured.per_request_us(|c| c.server_seconds)),
         "generator_cpu_us_per_request": tenths(measured.per_request_us(|c| c.generator_seconds)),
-        "rest_cpu_us_per_request": tenths(measured.rest_us_per_request()),
+        "rest_cpu_us_per_request": tenths(measured.per_request_us(CpuUse::rest_seconds)),
         "machine_idle_percent": tenths(measured.idle_percent()),
     })
 }
@@ -748,6 +747,20 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rest_is_the_busy_time_the_server_and_generator_did_not_use() {
+        let cpu = |server_seconds, idle_ticks| CpuUse {
+            server_seconds,
+            generator_seconds: 0.5,
+            idle_ticks,
+            all_ticks: 400,
+        };
+        // 350 busy ticks are 3.5 s, of which the server and the generator used 1.5.
+        assert_eq!(cpu(1.0, 50).rest_seconds(), 2.0);
+        // Sampled apart, the processes may seem to have used more than the machine.
+        assert_eq!(cpu(3.2, 50).rest_seconds(), 0.0);
+    }
 
     #[test]
     fn idle_ticks_are_idle_and_iowait_of_the_first_eight_counters() {
