@@ -587,14 +587,19 @@ fn scale(rows: &[Value], sizes: &[u64]) -> Vec<Value> {
 }
 
 /// Debian's socket directory for the local PostgreSQL.
-const POSTGRES_SOCKET: &str = "/var/run/postgresql/.s.PGSQL.5432";
+const POSTGRES_SOCKET_DIR: &str = "/var/run/postgresql";
 
 /// The local server's `test` database: through its Unix socket when it has one. Over loopback
 /// TCP, PostgreSQL writes came to about a fifth fewer a second on session 21's machine (both
 /// sides pay the TCP stack for each of a write's round trips).
 fn default_postgres_url() -> String {
-    if Path::new(POSTGRES_SOCKET).exists() {
-        "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/test".into()
+    if Path::new(POSTGRES_SOCKET_DIR)
+        .join(".s.PGSQL.5432")
+        .exists()
+    {
+        // A socket directory is the URL's host, its slashes percent-encoded.
+        let host = POSTGRES_SOCKET_DIR.replace('/', "%2F");
+        format!("postgres://postgres@{host}/test")
     } else {
         "postgres://postgres@127.0.0.1:5432/test".into()
     }
