@@ -64,7 +64,8 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Slices each scenario's measured seconds are cut into, each after a slice of the
-    /// `/health` run; `x base` is the median of the slices' ratios.
+    /// `/health` run; `x base` is the median of the slices' ratios. Each round runs one slice
+    /// at every size, so the sizes are measured over the same minutes.
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     #[arg(
@@ -371,61 +372,140 @@ async fn measure(
 /// Warm-up of a slice after the first: the connections are new, the server is warm.
 const SLICE_WARMUP: Duration = Duration::from_millis(250);
 
-/// A scenario beside `/health`: this machine's speed changes by a factor of two from one
-/// minute to the next, and one `/health` run before a scenario was often measured at the other
-/// speed. So the scenario runs in `--rounds` slices, each right after a slice of `/health`,
-/// and its ratio is the median of the slices' ratios, which a slice the speed changed in does
-/// not move. Returns the scenario's slices as one measurement, the `/health` rate over its
-/// slices, and that median ratio.
+/// One size's server, seeded, and what the run learned about it.
+struct Node {
+    size: u64,
+    server: Server,
+    target: Arc<Target>,
+    seed_seconds: Option<f64>,
+    /// The highest peak RSS of the servers this size's database had before the current one.
+    earlier_peak_rss_kib: u64,
+}
+
+impl Node {
+    async fn start(
+        args: &Args,
+        backend: &str,
+        size: u64,
+        config_path: &Path,
+        reuse: bool,
+    ) -> anyhow::Result<Node> {
+        let (server, seed_seconds) = prepare(args, backend, size, config_path, reuse).await?;
+        Ok(Node {
+            size,
+            target: Arc::new(Target {
+                addr: server.addr,
+                secret_key: SECRET_KEY.to_string(),
+                profiles: size,
+            }),
+            server,
+            seed_seconds,
+            earlier_peak_rss_kib: 0,
+        })
+    }
+
+    /// Stops the server, seeds its database again and starts a new server on it.
+    async fn reseed(self, args: &Args, backend: &str, config_path: &Path) -> anyhow::Result<Node> {
+        let (size, earlier_peak_rss_kib, seed_seconds) =
+            (self.size, self.peak_rss_kib(), self.seed_seconds);
+        // The old server must be gone before its database is replaced.
+        drop(self);
+        let node = Node::start(args, backend, size, config_path, false).await?;
+        Ok(Node {
+            earlier_peak_rss_kib,
+            seed_seconds,
+            ..node
+        })
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        self.earlier_peak_rss_kib
+            .max(self.server.peak_rss_kib().unwrap_or(0))
+    }
+}
+
+/// A scenario beside `/health`, at every size in turn. This machine's speed changes by a
+/// factor of two from one minute to the next: one `/health` run before a scenario was often
+/// measured at the other speed, and sizes measured minutes apart met different machines. So
+/// the scenario runs in `--rounds` rounds; in each, every size gets a slice of `/health` and
+/// right after it a slice of the scenario, the sizes' order swapped from one round to the next.
+/// A size's ratio is the median of its slices' ratios, which a slice the speed changed in does
+/// not move, and the sizes' figures come from the same minutes. Returns, for each node, the
+/// scenario's slices as one measurement, the `/health` rate over its slices and that median.
 async fn measure_beside_baseline(
-    server: &Server,
-    target: &Arc<Target>,
+    nodes: &[Node],
     scenario: Scenario,
     args: &Args,
-) -> anyhow::Result<(Measured, f64, f64)> {
+) -> anyhow::Result<Vec<(Measured, f64, f64)>> {
+    struct Tally {
+        merged: Option<Measured>,
+        base_requests: u64,
+        base_seconds: f64,
+        ratios: Vec<f64>,
+    }
     let rounds = args.rounds.max(1);
     let slice = |seconds: u64| Duration::from_secs_f64(seconds as f64 / f64::from(rounds));
-    let mut merged: Option<Measured> = None;
-    let (mut base_requests, mut base_seconds) = (0, 0.0);
-    let mut ratios = Vec::new();
+    let mut tallies: Vec<Tally> = nodes
+        .iter()
+        .map(|_| Tally {
+            merged: None,
+            base_requests: 0,
+            base_seconds: 0.0,
+            ratios: Vec::new(),
+        })
+        .collect();
     for round in 0..rounds {
-        let base = measure(
-            server,
-            target,
-            Scenario::Baseline,
-            args,
-            (SLICE_WARMUP, slice(args.baseline_duration)),
-            None,
-        )
-        .await?;
-        let warmup = if round == 0 {
-            Duration::from_secs(1)
-        } else {
-            SLICE_WARMUP
-        };
-        let part = measure(
-            server,
-            target,
-            scenario,
-            args,
-            (warmup, slice(args.duration)),
-            None,
-        )
-        .await?;
-        ratios.push(part.outcome.rate() / base.outcome.rate().max(f64::MIN_POSITIVE));
-        base_requests += base.outcome.requests;
-        base_seconds += base.outcome.seconds;
-        merged = Some(match merged {
-            None => part,
-            Some(so_far) => so_far.merge(part)?,
-        });
+        let mut order: Vec<usize> = (0..nodes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (node, tally) = (&nodes[i], &mut tallies[i]);
+            let base = measure(
+                &node.server,
+                &node.target,
+                Scenario::Baseline,
+                args,
+                (SLICE_WARMUP, slice(args.baseline_duration)),
+                None,
+            )
+            .await?;
+            let warmup = if round == 0 {
+                Duration::from_secs(1)
+            } else {
+                SLICE_WARMUP
+            };
+            let part = measure(
+                &node.server,
+                &node.target,
+                scenario,
+                args,
+                (warmup, slice(args.duration)),
+                None,
+            )
+            .await?;
+            tally
+                .ratios
+                .push(part.outcome.rate() / base.outcome.rate().max(f64::MIN_POSITIVE));
+            tally.base_requests += base.outcome.requests;
+            tally.base_seconds += base.outcome.seconds;
+            tally.merged = Some(match tally.merged.take() {
+                None => part,
+                Some(so_far) => so_far.merge(part)?,
+            });
+        }
     }
-    let measured = merged.context("no rounds were run")?;
-    Ok((
-        measured,
-        base_requests as f64 / base_seconds,
-        median(&mut ratios),
-    ))
+    tallies
+        .into_iter()
+        .map(|mut t| {
+            let measured = t.merged.context("no rounds were run")?;
+            Ok((
+                measured,
+                t.base_requests as f64 / t.base_seconds,
+                median(&mut t.ratios),
+            ))
+        })
+        .collect()
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -647,68 +727,86 @@ async fn main() -> anyhow::Result<()> {
         "errors"
     );
     for backend in &args.backends {
+        // Every size's server runs from the start, so each scenario can measure the sizes in
+        // turns over the same minutes.
+        let mut nodes = Vec::new();
         for &size in &args.sizes {
-            let (mut server, seconds) =
-                prepare(&args, backend, size, &config_path, args.reuse).await?;
-            let mut peak_rss_kib = 0;
-            let reseed = !args.reuse && size <= args.reseed_up_to;
-            let mut written = false;
-            for &scenario in &scenarios {
-                if written && reseed {
-                    peak_rss_kib = peak_rss_kib.max(server.peak_rss_kib().unwrap_or(0));
-                    drop(server);
-                    server = prepare(&args, backend, size, &config_path, false).await?.0;
-                    written = false;
+            nodes.push(Node::start(&args, backend, size, &config_path, args.reuse).await?);
+        }
+        let mut written = false;
+        for &scenario in &scenarios {
+            if written && !args.reuse {
+                let mut reseeded = Vec::with_capacity(nodes.len());
+                for node in nodes {
+                    reseeded.push(if node.size <= args.reseed_up_to {
+                        node.reseed(&args, backend, &config_path).await?
+                    } else {
+                        node
+                    });
                 }
-                let target = Arc::new(Target {
-                    addr: server.addr,
-                    secret_key: SECRET_KEY.to_string(),
-                    profiles: size,
-                });
-                let full_run = (Duration::from_secs(1), Duration::from_secs(args.duration));
-                let (measured, baseline) = if scenario == Scenario::Baseline {
-                    let measured =
-                        measure(&server, &target, scenario, &args, full_run, None).await?;
-                    let rate = measured.outcome.rate();
-                    (measured, (rate, 1.0))
-                } else {
-                    let (measured, rate, ratio) =
-                        measure_beside_baseline(&server, &target, scenario, &args).await?;
-                    (measured, (rate, ratio))
-                };
-                let r = row(backend, size, scenario.name(), &measured, baseline);
+                nodes = reseeded;
+                written = false;
+            }
+            let full_run = (Duration::from_secs(1), Duration::from_secs(args.duration));
+            let measured = if scenario == Scenario::Baseline {
+                let mut measured = Vec::new();
+                for node in &nodes {
+                    let m = measure(&node.server, &node.target, scenario, &args, full_run, None)
+                        .await?;
+                    let rate = m.outcome.rate();
+                    measured.push((m, rate, 1.0));
+                }
+                measured
+            } else {
+                measure_beside_baseline(&nodes, scenario, &args).await?
+            };
+            for (node, (m, rate, ratio)) in nodes.iter().zip(&measured) {
+                let r = row(backend, node.size, scenario.name(), m, (*rate, *ratio));
                 print_row(&r);
                 rows.push(r);
-                if scenario == Scenario::GetProfile {
-                    // Latency at half the peak rate: what a user sees when the server has room.
-                    let half = measured.outcome.rate() / 2.0;
-                    let paced =
-                        measure(&server, &target, scenario, &args, full_run, Some(half)).await?;
+            }
+            if scenario == Scenario::GetProfile {
+                // Latency at half the peak rate: what a user sees when the server has room.
+                for (node, (peak, rate, ratio)) in nodes.iter().zip(&measured) {
+                    let half = peak.outcome.rate() / 2.0;
+                    let paced = measure(
+                        &node.server,
+                        &node.target,
+                        scenario,
+                        &args,
+                        full_run,
+                        Some(half),
+                    )
+                    .await?;
                     // Its ratio scales the peak's by the rate the pacing reached.
-                    let share = paced.outcome.rate() / measured.outcome.rate().max(1.0);
+                    let share = paced.outcome.rate() / peak.outcome.rate().max(1.0);
                     let r = row(
                         backend,
-                        size,
+                        node.size,
                         "get_profile@50%",
                         &paced,
-                        (baseline.0, baseline.1 * share),
+                        (*rate, ratio * share),
                     );
                     print_row(&r);
                     rows.push(r);
                 }
-                written |= scenario.writes();
             }
-            let rss = Some(peak_rss_kib.max(server.peak_rss_kib().unwrap_or(0))).filter(|&k| k > 0);
+            written |= scenario.writes();
+        }
+        for node in &nodes {
+            let rss = Some(node.peak_rss_kib()).filter(|&k| k > 0);
+            let size = node.size;
             println!(
                 "{backend:<9} {size:>8} server peak RSS {} MiB; seeding {} profiles/s",
                 rss.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
-                seconds.map_or("-".to_string(), |s| format!("{:.0}", size as f64 / s))
+                node.seed_seconds
+                    .map_or("-".to_string(), |s| format!("{:.0}", size as f64 / s))
             );
             servers.push(json!({
                 "backend": backend,
                 "profiles": size,
                 "peak_rss_mib": rss.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0),
-                "seed_seconds": seconds.map(|s| (s * 10.0).round() / 10.0),
+                "seed_seconds": node.seed_seconds.map(|s| (s * 10.0).round() / 10.0),
             }));
         }
     }
