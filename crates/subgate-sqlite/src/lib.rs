@@ -20,7 +20,7 @@ mod schema;
 use async_trait::async_trait;
 use cache::ProfileCache;
 use chrono::{DateTime, Utc};
-use inline_readers::{Depends, InlineReaders, SharedReader};
+use inline_readers::{InlineReaders, SharedReader};
 use read_ahead::IndexReadAhead;
 use rusqlite::{Connection, OpenFlags};
 use std::cell::RefCell;
@@ -61,19 +61,9 @@ enum Job {
     /// Any other write: runs in its own savepoint, rolled back if it fails.
     Exec {
         run: ExecJob,
-        rows: ProfileRows,
+        /// It may change any profile (a bulk import): the whole cache goes.
+        changes_profiles: bool,
     },
-}
-
-/// The profile rows an [`Job::Exec`] may change.
-#[derive(Clone, Copy)]
-enum ProfileRows {
-    /// None (apps, events).
-    Untouched,
-    /// This profile's stored answer, not its state, which is all the cache holds.
-    Answer(Uuid),
-    /// Any (a bulk import): the whole cache goes.
-    Any,
 }
 
 /// Each store's id, so the per-thread reader connections of one store never serve another
@@ -140,13 +130,6 @@ pub fn path_from_url(url: &str) -> Option<PathBuf> {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-/// A profile read depends on the profile it found; one that found none, on every profile.
-fn depends_on(state: &Option<ProfileState>) -> Depends {
-    state
-        .as_ref()
-        .map_or(Depends::Everything, |s| Depends::Profile(s.profile.id))
 }
 
 fn store_closing() -> StoreError {
@@ -328,12 +311,9 @@ impl SqliteStore {
     /// async worker for its duration (tens of microseconds from the page cache, more where the
     /// kernel has dropped the page and it comes from the disk; see ADR 0010). The server runs
     /// more runtime threads than cores so that others answer meanwhile (ADR 0011).
-    /// `f` may run twice (see [`InlineReaders::read`]); `depends` names what its result
-    /// depends on.
     fn read_inline<T>(
         &self,
-        f: impl Fn(&Connection) -> Result<T, StoreError>,
-        depends: impl Fn(&T) -> Depends,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let reader = INLINE_READERS.with(|cell| {
             let mut readers = cell.borrow_mut();
@@ -354,7 +334,7 @@ impl SqliteStore {
             readers.insert(self.id, Arc::clone(&reader));
             Ok(reader)
         })?;
-        self.inline_readers.read(&reader, f, depends)
+        self.inline_readers.read(&reader, f)
     }
 
     /// Reads what a write will need on this thread before the write is queued, when its
@@ -375,22 +355,16 @@ impl SqliteStore {
             return;
         }
         let seen = self.cache.epoch();
-        let read = self.read_inline(|conn| rows::load_profile(conn, app_id, &key), depends_on);
-        if let (Ok(state), true) = (&read, self.index_read_ahead.due()) {
-            let profile_id = state.as_ref().map(|s| s.profile.id);
-            // Any snapshot reads the pages in.
-            let pages = self.read_inline(
-                |conn| {
-                    self.index_read_ahead.run(|| {
-                        rows::read_write_pages(conn, app_id, profile_id, lookup.chain.as_ref())
-                    })
-                },
-                |_| Depends::Nothing,
-            );
-            if let Err(e) = pages {
-                tracing::debug!(error = %e, "reading pages ahead of a write failed");
+        let read = self.read_inline(|conn| {
+            let state = rows::load_profile(conn, app_id, &key)?;
+            if self.index_read_ahead.due() {
+                let profile_id = state.as_ref().map(|s| s.profile.id);
+                self.index_read_ahead.run(|| {
+                    rows::read_write_pages(conn, app_id, profile_id, lookup.chain.as_ref())
+                })?;
             }
-        }
+            Ok(state)
+        });
         match read {
             Ok(Some(state)) => self.cache.insert_before_write(seen, &Arc::new(state)),
             Ok(None) => {}
@@ -412,7 +386,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.exec_job(f, ProfileRows::Untouched).await
+        self.exec_job(f, false).await
     }
 
     /// [`Self::exec`] for a job that may change any profile.
@@ -420,13 +394,13 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.exec_job(f, ProfileRows::Any).await
+        self.exec_job(f, true).await
     }
 
     async fn exec_job<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-        rows: ProfileRows,
+        changes_profiles: bool,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         let run: ExecJob = Box::new(move |conn| {
@@ -442,7 +416,10 @@ impl SqliteStore {
             });
             (ok, finish)
         });
-        self.send(Job::Exec { run, rows })?;
+        self.send(Job::Exec {
+            run,
+            changes_profiles,
+        })?;
         rx.await.map_err(|_| {
             StoreError::Unavailable("the database could not start a transaction".into())
         })?
@@ -461,15 +438,7 @@ impl Store for SqliteStore {
         app_id: Uuid,
         key: &ProfileKey,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let read = self.read_inline(
-            |conn| rows::load_rendered(conn, app_id, key),
-            |found| {
-                found
-                    .as_ref()
-                    .map_or(Depends::Everything, |f| Depends::Profile(f.0))
-            },
-        )?;
-        Ok(read.and_then(|(_, rendered)| rendered))
+        self.read_inline(|conn| rows::load_rendered(conn, app_id, key))
     }
 
     async fn save_rendered(
@@ -479,11 +448,9 @@ impl Store for SqliteStore {
         version: i64,
         rendered: Vec<u8>,
     ) -> Result<bool, StoreError> {
-        self.exec_job(
-            move |conn| rows::save_rendered(conn, app_id, profile_id, version, &rendered),
-            ProfileRows::Answer(profile_id),
-        )
-        .await
+        // Not a change to the profile's state, which is all the cache holds.
+        self.exec(move |conn| rows::save_rendered(conn, app_id, profile_id, version, &rendered))
+            .await
     }
 
     async fn load_profile(
@@ -496,7 +463,7 @@ impl Store for SqliteStore {
         }
         let seen = self.cache.epoch();
         let state = self
-            .read_inline(|conn| rows::load_profile(conn, app_id, key), depends_on)?
+            .read_inline(|conn| rows::load_profile(conn, app_id, key))?
             .map(Arc::new);
         if let Some(state) = &state {
             self.cache.insert(seen, state);
@@ -572,17 +539,14 @@ impl Store for SqliteStore {
     ) -> Result<u64, StoreError> {
         self.exec_job(
             move |conn| rows::delete_settled_events(conn, before, limit),
-            ProfileRows::Untouched,
+            false,
         )
         .await
     }
 
     async fn import_events(&self, events: Vec<StoredEvent>) -> Result<(), StoreError> {
-        self.exec_job(
-            move |conn| rows::import_events(conn, &events),
-            ProfileRows::Untouched,
-        )
-        .await
+        self.exec_job(move |conn| rows::import_events(conn, &events), false)
+            .await
     }
 
     async fn events_after(
@@ -821,14 +785,9 @@ fn writer_loop(
         }
         let (replies, commit_error, touched) = run_batch(&mut conn, batch, cache);
         // Before any answer, so a client never reads its own write's old state back.
-        match &touched {
-            Touched::Profiles { ids, answers, .. } => {
-                inline_readers.committed(ids.iter().chain(answers))
-            }
-            Touched::Everything => inline_readers.committed_anything(),
-        }
+        inline_readers.committed();
         match touched {
-            Touched::Profiles { ids, saved, .. } if commit_error.is_none() => {
+            Touched::Profiles { ids, saved } if commit_error.is_none() => {
                 cache.committed(&ids, saved)
             }
             Touched::Profiles { ids, .. } => cache.committed(&ids, Vec::new()),
@@ -851,8 +810,6 @@ enum Touched {
     Profiles {
         ids: Vec<Uuid>,
         saved: Vec<Arc<ProfileState>>,
-        /// Profiles whose stored answer alone changed.
-        answers: Vec<Uuid>,
     },
     Everything,
 }
@@ -896,8 +853,6 @@ struct BatchTouches {
     latest: HashMap<Uuid, Option<Arc<ProfileState>>>,
     /// A job that may change any profile ran: the cache cannot be used nor updated.
     everything: bool,
-    /// Profiles whose stored answer alone a job changed.
-    answers: Vec<Uuid>,
 }
 
 impl BatchTouches {
@@ -936,7 +891,6 @@ impl BatchTouches {
             Touched::Profiles {
                 ids: self.ids,
                 saved: self.latest.into_values().flatten().collect(),
-                answers: self.answers,
             }
         }
     }
@@ -1019,12 +973,11 @@ fn run_in_savepoints(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCach
                 touches.note(from, &result);
                 replies.push(Reply::Write(reply, result));
             }
-            Job::Exec { run: f, rows } => {
-                match rows {
-                    ProfileRows::Untouched => {}
-                    ProfileRows::Answer(id) => touches.answers.push(id),
-                    ProfileRows::Any => touches.everything = true,
-                }
+            Job::Exec {
+                run: f,
+                changes_profiles,
+            } => {
+                touches.everything |= changes_profiles;
                 let mut finish = None;
                 let _ = in_savepoint(&mut tx, |sp| {
                     let (ok, f) = f(sp);
@@ -1187,46 +1140,22 @@ mod tests {
             .is_none());
     }
 
-    /// On one runtime thread, whose reader connection keeps its snapshot between reads, and
-    /// across commits to other profiles.
+    /// On one runtime thread, whose reader connection keeps its snapshot between reads.
     #[tokio::test(flavor = "current_thread")]
     async fn a_read_after_a_commit_sees_it_on_a_connection_that_kept_its_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        // No profile cache: every read goes to the reader connection.
-        let options = SqliteOptions {
-            cached_profiles: 0,
-            ..SqliteOptions::default()
-        };
-        let store = SqliteStore::open(dir.path().join("t.db"), &options).unwrap();
-        let app = Uuid::now_v7();
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        create(&store, app, a, "a").await;
-        create(&store, app, b, "b").await;
-        let (key_a, key_b) = (
-            ProfileKey::CustomerUserId("a".into()),
-            ProfileKey::CustomerUserId("b".into()),
-        );
-        for key in [&key_a, &key_b] {
-            assert_eq!(store.load_rendered(app, key).await.unwrap(), None);
+        let store = SqliteStore::open(dir.path().join("t.db"), &SqliteOptions::default()).unwrap();
+        let (app, id) = (Uuid::now_v7(), Uuid::now_v7());
+        create(&store, app, id, "u").await;
+        let key = ProfileKey::CustomerUserId("u".into());
+        // The second read keeps its snapshot (the first after a commit does not).
+        for _ in 0..2 {
+            assert_eq!(store.load_rendered(app, &key).await.unwrap(), None);
         }
-        let saved = store.save_rendered(app, a, 1, b"answer a".to_vec()).await;
+        let saved = store.save_rendered(app, id, 1, b"answer".to_vec()).await;
         assert!(saved.unwrap());
-        // Read in the snapshot opened before the commit, which did not touch `b`.
-        assert_eq!(store.load_rendered(app, &key_b).await.unwrap(), None);
-        let rendered = store.load_rendered(app, &key_a).await.unwrap();
-        assert_eq!(rendered.as_deref(), Some(&b"answer a"[..]));
-
-        // A new profile, unknown to the snapshot, is found.
-        let c = Uuid::now_v7();
-        let key_c = ProfileKey::CustomerUserId("c".into());
-        assert_eq!(store.load_rendered(app, &key_b).await.unwrap(), None);
-        create(&store, app, c, "c").await;
-        let found = store.load_profile(app, &key_c).await.unwrap();
-        assert_eq!(found.map(|s| s.profile.id), Some(c));
-        let saved = store.save_rendered(app, c, 1, b"answer c".to_vec()).await;
-        assert!(saved.unwrap());
-        let rendered = store.load_rendered(app, &key_c).await.unwrap();
-        assert_eq!(rendered.as_deref(), Some(&b"answer c"[..]));
+        let rendered = store.load_rendered(app, &key).await.unwrap();
+        assert_eq!(rendered.as_deref(), Some(&b"answer"[..]));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

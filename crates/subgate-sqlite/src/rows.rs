@@ -185,21 +185,15 @@ fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
 }
 
 /// The `rendered` column of the profile `key` names.
-/// A profile's id and its stored answer, if it has one.
-pub type Rendered = (Uuid, Option<Vec<u8>>);
-
-/// `None` when there is no such profile.
 pub fn load_rendered(
     conn: &Connection,
     app_id: Uuid,
     key: &ProfileKey,
-) -> Result<Option<Rendered>, StoreError> {
-    find_profile(conn, app_id, key, "id, rendered", |r| {
-        let id = Uuid::try_parse_ascii(r.get_ref(0)?.as_bytes()?);
-        Ok((id, r.get::<_, Option<Vec<u8>>>(1)?))
-    })?
-    .map(|(id, rendered)| Ok((id.map_err(|e| corrupt("profile id", e))?, rendered)))
-    .transpose()
+) -> Result<Option<Vec<u8>>, StoreError> {
+    find_profile(conn, app_id, key, "rendered", |r| {
+        r.get::<_, Option<Vec<u8>>>(0)
+    })
+    .map(Option::flatten)
 }
 
 pub fn save_rendered(
