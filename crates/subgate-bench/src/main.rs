@@ -424,6 +424,14 @@ impl Node {
     }
 }
 
+/// A scenario's figures at one size: its measurement, the `/health` rate beside it and its
+/// ratio to that rate.
+struct Figures {
+    measured: Measured,
+    base_rate: f64,
+    ratio: f64,
+}
+
 /// A scenario beside `/health`, at every size in turn. This machine's speed changes by a
 /// factor of two from one minute to the next: one `/health` run before a scenario was often
 /// measured at the other speed, and sizes measured minutes apart met different machines. So
@@ -436,7 +444,8 @@ async fn measure_beside_baseline(
     nodes: &[Node],
     scenario: Scenario,
     args: &Args,
-) -> anyhow::Result<Vec<(Measured, f64, f64)>> {
+) -> anyhow::Result<Vec<Figures>> {
+    #[derive(Default)]
     struct Tally {
         merged: Option<Measured>,
         base_requests: u64,
@@ -445,15 +454,7 @@ async fn measure_beside_baseline(
     }
     let rounds = args.rounds.max(1);
     let slice = |seconds: u64| Duration::from_secs_f64(seconds as f64 / f64::from(rounds));
-    let mut tallies: Vec<Tally> = nodes
-        .iter()
-        .map(|_| Tally {
-            merged: None,
-            base_requests: 0,
-            base_seconds: 0.0,
-            ratios: Vec::new(),
-        })
-        .collect();
+    let mut tallies: Vec<Tally> = nodes.iter().map(|_| Tally::default()).collect();
     for round in 0..rounds {
         let mut order: Vec<usize> = (0..nodes.len()).collect();
         if round % 2 == 1 {
@@ -498,12 +499,11 @@ async fn measure_beside_baseline(
     tallies
         .into_iter()
         .map(|mut t| {
-            let measured = t.merged.context("no rounds were run")?;
-            Ok((
-                measured,
-                t.base_requests as f64 / t.base_seconds,
-                median(&mut t.ratios),
-            ))
+            Ok(Figures {
+                measured: t.merged.context("no rounds were run")?,
+                base_rate: t.base_requests as f64 / t.base_seconds,
+                ratio: median(&mut t.ratios),
+            })
         })
         .collect()
 }
@@ -753,21 +753,31 @@ async fn main() -> anyhow::Result<()> {
                 for node in &nodes {
                     let m = measure(&node.server, &node.target, scenario, &args, full_run, None)
                         .await?;
-                    let rate = m.outcome.rate();
-                    measured.push((m, rate, 1.0));
+                    measured.push(Figures {
+                        base_rate: m.outcome.rate(),
+                        measured: m,
+                        ratio: 1.0,
+                    });
                 }
                 measured
             } else {
                 measure_beside_baseline(&nodes, scenario, &args).await?
             };
-            for (node, (m, rate, ratio)) in nodes.iter().zip(&measured) {
-                let r = row(backend, node.size, scenario.name(), m, (*rate, *ratio));
+            for (node, f) in nodes.iter().zip(&measured) {
+                let r = row(
+                    backend,
+                    node.size,
+                    scenario.name(),
+                    &f.measured,
+                    (f.base_rate, f.ratio),
+                );
                 print_row(&r);
                 rows.push(r);
             }
             if scenario == Scenario::GetProfile {
                 // Latency at half the peak rate: what a user sees when the server has room.
-                for (node, (peak, rate, ratio)) in nodes.iter().zip(&measured) {
+                for (node, f) in nodes.iter().zip(&measured) {
+                    let peak = &f.measured;
                     let half = peak.outcome.rate() / 2.0;
                     let paced = measure(
                         &node.server,
@@ -785,7 +795,7 @@ async fn main() -> anyhow::Result<()> {
                         node.size,
                         "get_profile@50%",
                         &paced,
-                        (*rate, ratio * share),
+                        (f.base_rate, f.ratio * share),
                     );
                     print_row(&r);
                     rows.push(r);
