@@ -53,8 +53,6 @@ struct WriteJob {
     app_id: Uuid,
     lookup: Lookup,
     decide: Decide,
-    /// Its decision taken ahead, if the request's thread could (`rows::Speculation`).
-    ahead: Option<Box<rows::Speculation>>,
     reply: oneshot::Sender<Result<Outcome, WriteError>>,
 }
 
@@ -374,32 +372,6 @@ impl SqliteStore {
         }
     }
 
-    /// Takes the write's decision on this thread, from its profile's cached state, so that
-    /// the writer thread has only to check it still holds and write it (`rows::Speculation`).
-    /// A write whose profile is not cached, or whose speculation fails, is decided by the
-    /// writer alone.
-    fn speculate(
-        &self,
-        app_id: Uuid,
-        lookup: &Lookup,
-        decide: &Decide,
-    ) -> Option<Box<rows::Speculation>> {
-        let key = lookup.profile_key()?;
-        let basis = self.cache.get(app_id, &key)?;
-        let speculated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.read_inline(|conn| rows::speculate(conn, app_id, lookup, decide, basis))
-        }));
-        match speculated {
-            Ok(Ok(ahead)) => ahead.map(Box::new),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "speculating a write failed");
-                None
-            }
-            // The writer's own run of the decision meets the panic again and answers it.
-            Err(_) => None,
-        }
-    }
-
     fn send(&self, job: Job) -> Result<(), StoreError> {
         self.writer
             .as_ref()
@@ -506,13 +478,11 @@ impl Store for SqliteStore {
         decide: Decide,
     ) -> Result<Outcome, WriteError> {
         self.prefetch_for_write(app_id, &lookup);
-        let ahead = self.speculate(app_id, &lookup, &decide);
         let (reply, rx) = oneshot::channel();
         self.send(Job::Write(WriteJob {
             app_id,
             lookup,
             decide,
-            ahead,
             reply,
         }))?;
         rx.await
@@ -854,14 +824,14 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCache) -> Ba
         // Other jobs run once (they are FnOnce), so they cannot be replayed.
         return run_in_savepoints(conn, batch, cache);
     }
-    let mut writes: Vec<WriteJob> = batch
+    let writes: Vec<WriteJob> = batch
         .into_iter()
         .filter_map(|job| match job {
             Job::Write(write) => Some(write),
             Job::Exec { .. } => None,
         })
         .collect();
-    match run_writes(conn, &mut writes, cache) {
+    match run_writes(conn, &writes, cache) {
         Some((results, commit_error, touched)) => {
             let replies = writes
                 .into_iter()
@@ -892,7 +862,6 @@ impl BatchTouches {
         conn: &Connection,
         cache: &ProfileCache,
         job: (Uuid, &Lookup, &Decide),
-        ahead: Option<Box<rows::Speculation>>,
     ) -> WriteResult {
         let (app_id, lookup, decide) = job;
         let (latest, everything) = (&self.latest, self.everything);
@@ -901,7 +870,7 @@ impl BatchTouches {
                 .get(app_id, key)
                 .filter(|s| !everything && !latest.contains_key(&s.profile.id))
         };
-        rows::write(conn, app_id, lookup, decide, &cached, ahead, &mut self.ids)
+        rows::write(conn, app_id, lookup, decide, &cached, &mut self.ids)
     }
 
     /// Notes what the write that started when `from` ids were touched did.
@@ -946,11 +915,10 @@ fn unpanicked<T>(f: impl FnOnce() -> Result<T, WriteError>) -> Result<T, WriteEr
 /// RELEASE and the page copies a savepoint keeps were a tenth of the writer's time). A write
 /// refused by its decision changed nothing: it fails alone. A write that failed in the
 /// database may have changed rows already: then the transaction is rolled back and `None`
-/// says to run the batch again, each write in its own savepoint (decisions may run twice; the
-/// speculations are spent by then).
+/// says to run the batch again, each write in its own savepoint (decisions may run twice).
 fn run_writes(
     conn: &mut Connection,
-    writes: &mut [WriteJob],
+    writes: &[WriteJob],
     cache: &ProfileCache,
 ) -> Option<(Vec<WriteResult>, Option<StoreError>, Touched)> {
     // A transaction that cannot begin is answered by the savepoint path, which reports it.
@@ -962,8 +930,7 @@ fn run_writes(
     for write in writes {
         let from = touches.ids.len();
         let job = (write.app_id, &write.lookup, &write.decide);
-        let ahead = write.ahead.take();
-        let result = unpanicked(|| touches.write(&tx, cache, job, ahead));
+        let result = unpanicked(|| touches.write(&tx, cache, job));
         if matches!(result, Err(WriteError::Store(_))) {
             // Dropping the transaction rolls it back.
             return None;
@@ -997,12 +964,11 @@ fn run_in_savepoints(conn: &mut Connection, batch: Vec<Job>, cache: &ProfileCach
                 app_id,
                 lookup,
                 decide,
-                ahead,
                 reply,
             }) => {
                 let from = touches.ids.len();
                 let result = in_savepoint(&mut tx, |sp| {
-                    touches.write(sp, cache, (app_id, &lookup, &decide), ahead)
+                    touches.write(sp, cache, (app_id, &lookup, &decide))
                 });
                 touches.note(from, &result);
                 replies.push(Reply::Write(reply, result));
@@ -1172,120 +1138,6 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-    }
-
-    /// Adds one to the number attribute `n` of the loaded profile, counting its runs.
-    fn bump_n(runs: Arc<AtomicU64>) -> Decide {
-        Box::new(move |loaded| {
-            runs.fetch_add(1, Ordering::Relaxed);
-            let Some(state) = &loaded.profile else {
-                return Ok(Change::Keep);
-            };
-            let mut next = state.clone();
-            next.profile.version += 1;
-            let n = match next.profile.doc.attributes.get("n") {
-                Some(AttributeValue::Number(n)) => *n,
-                _ => 0.0,
-            };
-            let n = AttributeValue::Number(n + 1.0);
-            next.profile.doc.attributes.insert("n".into(), n);
-            Ok(Change::Save {
-                state: next,
-                transactions: Vec::new(),
-                events: Vec::new(),
-                rendered: None,
-            })
-        })
-    }
-
-    fn n_of(state: &ProfileState) -> Option<&AttributeValue> {
-        state.profile.doc.attributes.get("n")
-    }
-
-    /// Writes to one profile, all speculated from the same cached state at once, still each
-    /// build on the one before: at most one speculation per batch holds.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writes_to_one_profile_each_see_the_one_before() {
-        const WRITES: u64 = 64;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            SqliteStore::open(dir.path().join("t.db"), &SqliteOptions::default()).unwrap(),
-        );
-        let (app, id) = (Uuid::now_v7(), Uuid::now_v7());
-        create(&store, app, id, "u").await;
-        let runs = Arc::new(AtomicU64::new(0));
-        let writes: Vec<_> = (0..WRITES)
-            .map(|_| {
-                let (store, runs) = (Arc::clone(&store), Arc::clone(&runs));
-                tokio::spawn(async move {
-                    store
-                        .write(app, by_customer_user_id("u"), bump_n(runs))
-                        .await
-                })
-            })
-            .collect();
-        for write in writes {
-            let written = write.await.unwrap();
-            assert!(matches!(written, Ok(Outcome::Saved { .. })), "{written:?}");
-        }
-        let key = ProfileKey::CustomerUserId("u".into());
-        let state = store.load_profile(app, &key).await.unwrap().unwrap();
-        assert_eq!(n_of(&state), Some(&AttributeValue::Number(WRITES as f64)));
-        assert_eq!(state.profile.version, 1 + WRITES as i64);
-        // Each write's decision ran once ahead (its profile was cached) and at most once more.
-        let runs = runs.load(Ordering::Relaxed);
-        assert!((WRITES..2 * WRITES).contains(&runs), "{runs} runs");
-    }
-
-    /// The writer takes a speculation only while the profile's cached state is the one it
-    /// started from; else it decides again, from what is committed.
-    #[test]
-    fn a_speculation_is_taken_only_from_the_state_the_writer_would_load() {
-        let (_dir, _path, conn) = fresh_file();
-        let (app, id) = (Uuid::now_v7(), Uuid::now_v7());
-        let lookup = by_customer_user_id("u");
-        let key = ProfileKey::CustomerUserId("u".into());
-        let none: rows::CachedProfile<'_> = &|_| None;
-        let write = |decide: &Decide,
-                     cached: rows::CachedProfile<'_>,
-                     ahead: Option<rows::Speculation>| {
-            let ahead = ahead.map(Box::new);
-            let written = rows::write(&conn, app, &lookup, decide, cached, ahead, &mut Vec::new());
-            match written {
-                Ok(Outcome::Saved { state, .. }) => state,
-                other => panic!("{other:?}"),
-            }
-        };
-        write(&create_as(app, id, "u", Uuid::now_v7()), none, None);
-        let first = Arc::new(rows::load_profile(&conn, app, &key).unwrap().unwrap());
-        let runs = Arc::new(AtomicU64::new(0));
-        let bump = bump_n(Arc::clone(&runs));
-        let speculate = |basis: &Arc<ProfileState>| {
-            rows::speculate(&conn, app, &lookup, &bump, Arc::clone(basis))
-                .unwrap()
-                .unwrap()
-        };
-
-        // Held: the writer saves the speculated state without deciding.
-        let ahead = speculate(&first);
-        let stale = speculate(&first);
-        let cached_first = |_: &ProfileKey| Some(Arc::clone(&first));
-        let second = write(&bump, &cached_first, Some(ahead));
-        assert_eq!(runs.load(Ordering::Relaxed), 2);
-        assert_eq!(second.profile.version, 2);
-
-        // Stale: its basis is no longer the cached state, so the writer decides from the one
-        // that is (or from the database, with nothing cached).
-        let cached_second = |_: &ProfileKey| Some(Arc::clone(&second));
-        let third = write(&bump, &cached_second, Some(stale));
-        assert_eq!(runs.load(Ordering::Relaxed), 3);
-        assert_eq!(third.profile.version, 3);
-        assert_eq!(n_of(&third), Some(&AttributeValue::Number(2.0)));
-        let fourth = write(&bump, none, Some(speculate(&first)));
-        assert_eq!(runs.load(Ordering::Relaxed), 5);
-        assert_eq!(n_of(&fourth), Some(&AttributeValue::Number(3.0)));
-        let read = rows::load_profile(&conn, app, &key).unwrap().unwrap();
-        assert_eq!(read, *fourth);
     }
 
     /// On one runtime thread, whose reader connection keeps its snapshot between reads.

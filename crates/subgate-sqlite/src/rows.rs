@@ -300,52 +300,23 @@ fn load(
     let profile = match &key {
         Some(key) => match cached(key) {
             Some(state) => {
-                check_cached(conn, app_id, key, &state)?;
+                // Every test build checks the cache against the database.
+                #[cfg(debug_assertions)]
+                assert_eq!(
+                    load_profile(conn, app_id, key)?.as_ref(),
+                    Some(&*state),
+                    "a cached profile differs from the database"
+                );
                 Some(ProfileState::clone(&state))
             }
             None => load_profile(conn, app_id, key)?,
         },
         None => None,
     };
-    let (customer_user_id_owner, related) =
-        load_links(conn, app_id, lookup, key.as_ref(), profile.as_ref())?;
-    Ok(Loaded {
-        profile,
-        customer_user_id_owner,
-        related,
-    })
-}
-
-/// Every test build checks the cache against the database.
-#[cfg_attr(not(debug_assertions), allow(unused_variables))]
-fn check_cached(
-    conn: &Connection,
-    app_id: Uuid,
-    key: &ProfileKey,
-    state: &ProfileState,
-) -> Result<(), StoreError> {
-    #[cfg(debug_assertions)]
-    assert_eq!(
-        load_profile(conn, app_id, key)?.as_ref(),
-        Some(state),
-        "a cached profile differs from the database"
-    );
-    Ok(())
-}
-
-/// What a write loads besides its profile (found by `key` as `profile`): the profile holding
-/// the customer user id it names, and its chain's transactions.
-fn load_links(
-    conn: &Connection,
-    app_id: Uuid,
-    lookup: &Lookup,
-    key: Option<&ProfileKey>,
-    profile: Option<&ProfileState>,
-) -> Result<(Option<Uuid>, Vec<Transaction>), StoreError> {
     let customer_user_id_owner = match &lookup.customer_user_id {
         // Found by that customer user id: it is the owner, or there is none.
         Some(_) if matches!(key, Some(ProfileKey::CustomerUserId(_))) => {
-            profile.map(|s| s.profile.id)
+            profile.as_ref().map(|s| s.profile.id)
         }
         Some(cuid) => conn
             .prepare_cached("SELECT id FROM profiles WHERE app_id = ?1 AND customer_user_id = ?2")
@@ -362,83 +333,11 @@ fn load_links(
         Some(chain) => chain_transactions(conn, app_id, chain)?,
         None => Vec::new(),
     };
-    Ok((customer_user_id_owner, related))
-}
-
-/// A write's decision taken ahead of the writer thread, on the request's own thread, from its
-/// profile's cached state: the decision and the encoding of what it saves are most of a
-/// write's CPU besides SQLite's, and the single writer thread is what bounds writes/s. The
-/// writer takes it only if what the decision saw still holds at its turn: the profile's
-/// cached state is the very one the speculation started from (every committed change to a
-/// profile replaces or drops its cached state, and a batch's own changes hide it), and the
-/// linked rows read the same. Then deciding again would see what it saw, and a decision is a
-/// function of what it sees (`Decide` is `Fn`; the services take the time before it runs).
-/// Otherwise the writer decides as if there had been none.
-pub struct Speculation {
-    basis: Arc<ProfileState>,
-    loaded: Loaded,
-    change: Change,
-    encoded: EncodedChange,
-}
-
-/// Speculates `decide` on a reader connection from `basis`, the profile's cached state. Only
-/// a saving decision is worth taking ahead; any other is left to the writer.
-pub fn speculate(
-    conn: &Connection,
-    app_id: Uuid,
-    lookup: &Lookup,
-    decide: &Decide,
-    basis: Arc<ProfileState>,
-) -> Result<Option<Speculation>, StoreError> {
-    let key = lookup.profile_key();
-    let (customer_user_id_owner, related) =
-        load_links(conn, app_id, lookup, key.as_ref(), Some(&basis))?;
-    let loaded = Loaded {
-        profile: Some(ProfileState::clone(&basis)),
+    Ok(Loaded {
+        profile,
         customer_user_id_owner,
         related,
-    };
-    let Ok(change) = decide(&loaded) else {
-        return Ok(None);
-    };
-    let Change::Save {
-        state,
-        transactions,
-        ..
-    } = &change
-    else {
-        return Ok(None);
-    };
-    let encoded = EncodedChange::new(state, transactions)?;
-    Ok(Some(Speculation {
-        basis,
-        loaded,
-        change,
-        encoded,
-    }))
-}
-
-impl Speculation {
-    /// Whether the writer may take this decision as its own (see [`Speculation`]).
-    fn holds(
-        &self,
-        conn: &Connection,
-        app_id: Uuid,
-        lookup: &Lookup,
-        cached: CachedProfile<'_>,
-    ) -> Result<bool, StoreError> {
-        let Some(key) = lookup.profile_key() else {
-            return Ok(false);
-        };
-        match cached(&key) {
-            Some(current) if Arc::ptr_eq(&current, &self.basis) => {
-                check_cached(conn, app_id, &key, &current)?
-            }
-            _ => return Ok(false),
-        }
-        let (owner, related) = load_links(conn, app_id, lookup, Some(&key), Some(&self.basis))?;
-        Ok(owner == self.loaded.customer_user_id_owner && related == self.loaded.related)
-    }
+    })
 }
 
 /// Reads, without decoding them, the index pages a write to this profile and chain will
@@ -472,41 +371,6 @@ fn to_json(value: &impl serde::Serialize) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
-/// A profile's two JSON columns as stored.
-pub struct EncodedProfile {
-    doc: Vec<u8>,
-    transactions: Vec<u8>,
-}
-
-impl EncodedProfile {
-    fn new(state: &ProfileState) -> Result<Self, StoreError> {
-        Ok(Self {
-            doc: codec::encode(&state.profile.doc)?,
-            transactions: codec::encode(&state.transactions)?,
-        })
-    }
-}
-
-/// What a saved change writes that takes encoding: the profile's columns and each saved
-/// transaction's `data`, in order. Compressing them is most of a write's CPU after SQLite's
-/// own, so a speculation encodes them off the writer thread.
-pub struct EncodedChange {
-    profile: EncodedProfile,
-    transactions: Vec<Vec<u8>>,
-}
-
-impl EncodedChange {
-    fn new(state: &ProfileState, transactions: &[Transaction]) -> Result<Self, StoreError> {
-        Ok(Self {
-            profile: EncodedProfile::new(state)?,
-            transactions: transactions
-                .iter()
-                .map(codec::encode)
-                .collect::<Result<_, _>>()?,
-        })
-    }
-}
-
 /// A profile's columns, encoded once however many statements try them.
 struct ProfileColumns<'a> {
     state: &'a ProfileState,
@@ -514,28 +378,24 @@ struct ProfileColumns<'a> {
     id: String,
     created_at: i64,
     updated_at: i64,
-    doc: &'a [u8],
-    transactions: &'a [u8],
+    doc: Vec<u8>,
+    transactions: Vec<u8>,
     rendered: Option<&'a [u8]>,
 }
 
 impl<'a> ProfileColumns<'a> {
-    fn new(
-        state: &'a ProfileState,
-        rendered: Option<&'a [u8]>,
-        encoded: &'a EncodedProfile,
-    ) -> Self {
+    fn new(state: &'a ProfileState, rendered: Option<&'a [u8]>) -> Result<Self, StoreError> {
         let p = &state.profile;
-        Self {
+        Ok(Self {
             state,
             app_id: p.app_id.to_string(),
             id: p.id.to_string(),
             created_at: to_micros(&p.created_at),
             updated_at: to_micros(&p.updated_at),
-            doc: &encoded.doc,
-            transactions: &encoded.transactions,
+            doc: codec::encode(&p.doc)?,
+            transactions: codec::encode(&state.transactions)?,
             rendered,
-        }
+        })
     }
 
     /// Runs `sql` with the columns as parameters ?1 to ?10, in `INSERT_PROFILE`'s order, with
@@ -587,7 +447,6 @@ fn insert_profile(
     conn: &Connection,
     state: &ProfileState,
     rendered: Option<&[u8]>,
-    encoded: &EncodedProfile,
     upsert: bool,
 ) -> Result<(), StoreError> {
     let upsert_sql;
@@ -604,7 +463,7 @@ fn insert_profile(
         INSERT_PROFILE
     };
     let rowid = new_profile_rowid(conn, state)?;
-    ProfileColumns::new(state, rendered, encoded).execute(conn, sql, rowid)?;
+    ProfileColumns::new(state, rendered)?.execute(conn, sql, rowid)?;
     Ok(())
 }
 
@@ -613,16 +472,15 @@ fn save_profile(
     conn: &Connection,
     state: &ProfileState,
     rendered: Option<&[u8]>,
-    encoded: &EncodedProfile,
     before: Option<&ProfileState>,
 ) -> Result<(), StoreError> {
     let p = &state.profile;
     if p.version == 1 {
-        return insert_profile(conn, state, rendered, encoded, false);
+        return insert_profile(conn, state, rendered, false);
     }
     let same_customer_user_id = before
         .is_some_and(|b| b.profile.id == p.id && b.profile.customer_user_id == p.customer_user_id);
-    let columns = ProfileColumns::new(state, rendered, encoded);
+    let columns = ProfileColumns::new(state, rendered)?;
     // Most rows sit at their customer user id's slot: updating there skips a descent into the
     // `profiles_id` index (a random page read at a million profiles). A row elsewhere changes
     // nothing here, and is updated through the index below.
@@ -687,13 +545,8 @@ fn current_owner(
     .transpose()
 }
 
-/// Upserts `t`, whose `data` column is `data`.
-fn save_transaction(
-    conn: &Connection,
-    app_id: Uuid,
-    t: &Transaction,
-    data: &[u8],
-) -> Result<(), StoreError> {
+fn save_transaction(conn: &Connection, app_id: Uuid, t: &Transaction) -> Result<(), StoreError> {
+    let data = codec::encode(t)?;
     conn.prepare_cached(
         "INSERT INTO transactions
              (id, app_id, profile_id, store, store_transaction_id, store_original_transaction_id,
@@ -810,27 +663,16 @@ pub fn write(
     lookup: &Lookup,
     decide: &Decide,
     cached: CachedProfile<'_>,
-    ahead: Option<Box<Speculation>>,
     touched: &mut Vec<Uuid>,
 ) -> Result<Outcome, WriteError> {
-    let (loaded, change, encoded) = match ahead {
-        Some(ahead) if ahead.holds(conn, app_id, lookup, cached)? => {
-            let ahead = *ahead;
-            (ahead.loaded, ahead.change, Some(ahead.encoded))
-        }
-        _ => {
-            let loaded = load(conn, app_id, lookup, cached)?;
-            let change = decide(&loaded)?;
-            (loaded, change, None)
-        }
-    };
+    let loaded = load(conn, app_id, lookup, cached)?;
     // Every profile a change may touch: its own, and the former owners of what it moves.
     let touch = |touched: &mut Vec<Uuid>| {
         touched.extend(loaded.profile.as_ref().map(|s| s.profile.id));
         touched.extend(loaded.customer_user_id_owner);
         touched.extend(loaded.related.iter().filter_map(|t| t.profile_id));
     };
-    match change {
+    match decide(&loaded)? {
         Change::Keep => Ok(Outcome::Kept(loaded.profile.map(Arc::new))),
         Change::Save {
             state,
@@ -841,19 +683,9 @@ pub fn write(
             touch(touched);
             touched.push(state.profile.id);
             touched.extend(transactions.iter().filter_map(|t| t.profile_id));
-            let encoded = match encoded {
-                Some(encoded) => encoded,
-                None => EncodedChange::new(&state, &transactions)?,
-            };
-            save_profile(
-                conn,
-                &state,
-                rendered.as_deref(),
-                &encoded.profile,
-                loaded.profile.as_ref(),
-            )?;
-            for (t, data) in transactions.iter().zip(&encoded.transactions) {
-                save_transaction(conn, app_id, t, data)?;
+            save_profile(conn, &state, rendered.as_deref(), loaded.profile.as_ref())?;
+            for t in &transactions {
+                save_transaction(conn, app_id, t)?;
             }
             // `touch` has them already, from the same lookup.
             for owner in loaded.owners_left_by(&transactions) {
@@ -1026,15 +858,14 @@ pub fn import(
     // drops it.
     let save = |app_id: Uuid, t: &Transaction| -> Result<(), StoreError> {
         let left = current_owner(conn, app_id, t)?.filter(|&owner| Some(owner) != t.profile_id);
-        save_transaction(conn, app_id, t, &codec::encode(t)?)?;
+        save_transaction(conn, app_id, t)?;
         match left {
             Some(owner) => drop_moved(conn, app_id, owner, std::slice::from_ref(t)),
             None => Ok(()),
         }
     };
     for ImportedProfile { state, rendered } in profiles {
-        let encoded = EncodedProfile::new(state)?;
-        insert_profile(conn, state, rendered.as_deref(), &encoded, true)?;
+        insert_profile(conn, state, rendered.as_deref(), true)?;
         for t in &state.transactions {
             save(state.profile.app_id, t)?;
         }
