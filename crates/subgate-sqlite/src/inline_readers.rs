@@ -177,9 +177,16 @@ impl InlineReaders {
 mod tests {
     use super::*;
 
+    /// Through the crate's page cache, as every connection of the store; the first
+    /// connection a test process opens decides which cache every later one gets.
+    fn open(path: &std::path::Path) -> Connection {
+        crate::page_cache::install();
+        Connection::open(path).unwrap()
+    }
+
     fn file_with_rows() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
-        let writer = Connection::open(dir.path().join("t.db")).unwrap();
+        let writer = open(&dir.path().join("t.db"));
         writer
             .execute_batch(
                 "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
@@ -207,7 +214,7 @@ mod tests {
     fn a_snapshot_stays_open_until_a_commit_and_reads_see_every_commit() {
         let (dir, writer) = file_with_rows();
         let readers = InlineReaders::new(true);
-        let reader = readers.register(Connection::open(dir.path().join("t.db")).unwrap());
+        let reader = readers.register(open(&dir.path().join("t.db")));
         let in_snapshot = || !lock(&reader).conn.as_ref().unwrap().is_autocommit();
         // The first read after a commit is its own transaction; the next keeps one open.
         assert_eq!(count(&readers, &reader), 1);
@@ -241,7 +248,7 @@ mod tests {
         let (dir, writer) = file_with_rows();
         writer.execute_batch("PRAGMA busy_timeout = 0").unwrap();
         let readers = InlineReaders::new(true);
-        let reader = readers.register(Connection::open(dir.path().join("t.db")).unwrap());
+        let reader = readers.register(open(&dir.path().join("t.db")));
         insert(&writer, &readers);
         assert_eq!(count(&readers, &reader), 2);
         assert_eq!(count(&readers, &reader), 2);
@@ -265,7 +272,7 @@ mod tests {
     fn a_store_opened_for_reading_keeps_no_snapshot() {
         let (dir, _writer) = file_with_rows();
         let readers = InlineReaders::new(false);
-        let reader = readers.register(Connection::open(dir.path().join("t.db")).unwrap());
+        let reader = readers.register(open(&dir.path().join("t.db")));
         assert_eq!(count(&readers, &reader), 1);
         assert_eq!(count(&readers, &reader), 1);
         assert!(lock(&reader).conn.as_ref().unwrap().is_autocommit());

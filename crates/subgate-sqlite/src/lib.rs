@@ -13,6 +13,7 @@
 mod cache;
 mod codec;
 mod inline_readers;
+mod page_cache;
 mod read_ahead;
 mod rows;
 mod schema;
@@ -137,6 +138,7 @@ fn store_closing() -> StoreError {
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    page_cache::install();
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
