@@ -274,7 +274,7 @@ fn new_profile(
 }
 
 fn existing(loaded: &Loaded, missing: Missing) -> Result<&ProfileState, ApiError> {
-    loaded.profile.as_ref().ok_or_else(|| missing.error())
+    loaded.profile.as_deref().ok_or_else(|| missing.error())
 }
 
 impl Services {
@@ -940,7 +940,7 @@ impl Services {
                 return Ok(Change::Keep);
             }
             let mut builder = EventBuilder::new(&app_for_decide, &next, now);
-            builder.access_changes(before.as_ref(), None);
+            builder.access_changes(before.as_deref(), None);
             events.extend(builder.finish()?);
             Ok(Change::Save {
                 state: next,

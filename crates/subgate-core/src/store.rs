@@ -54,7 +54,9 @@ pub struct ChainRef {
 /// What `decide` sees.
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
-    pub profile: Option<ProfileState>,
+    /// Shared, so a backend can hand over the state it keeps (a cache) without copying it;
+    /// a decision copies what it changes.
+    pub profile: Option<Arc<ProfileState>>,
     /// The profile that holds the requested customer user id, if any.
     pub customer_user_id_owner: Option<Uuid>,
     /// The transactions named by [`Lookup::chain`], wherever they are attached.

@@ -419,7 +419,7 @@ async fn load(
         _ => other_owner,
     };
     Ok(Loaded {
-        profile,
+        profile: profile.map(Arc::new),
         customer_user_id_owner,
         related,
     })
@@ -643,7 +643,7 @@ pub async fn write(
 ) -> Result<Outcome, Failure> {
     let loaded = load(client, app_id, lookup).await?;
     match decide(&loaded).map_err(Failure::Rejected)? {
-        Change::Keep => Ok(Outcome::Kept(loaded.profile.map(Arc::new))),
+        Change::Keep => Ok(Outcome::Kept(loaded.profile)),
         Change::Save {
             state,
             transactions,

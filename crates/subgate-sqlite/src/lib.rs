@@ -1418,7 +1418,8 @@ mod tests {
         assert_eq!(read.transactions[0].store_transaction_id, "t-1");
 
         let bump: Decide = Box::new(|loaded| {
-            let mut state = loaded.profile.clone().expect("the profile exists");
+            let mut state =
+                ProfileState::clone(loaded.profile.as_ref().expect("the profile exists"));
             state.profile.version += 1;
             Ok(Change::Save {
                 state,

@@ -307,9 +307,9 @@ fn load(
                     Some(&*state),
                     "a cached profile differs from the database"
                 );
-                Some(ProfileState::clone(&state))
+                Some(state)
             }
-            None => load_profile(conn, app_id, key)?,
+            None => load_profile(conn, app_id, key)?.map(Arc::new),
         },
         None => None,
     };
@@ -673,7 +673,7 @@ pub fn write(
         touched.extend(loaded.related.iter().filter_map(|t| t.profile_id));
     };
     match decide(&loaded)? {
-        Change::Keep => Ok(Outcome::Kept(loaded.profile.map(Arc::new))),
+        Change::Keep => Ok(Outcome::Kept(loaded.profile)),
         Change::Save {
             state,
             transactions,
@@ -683,7 +683,7 @@ pub fn write(
             touch(touched);
             touched.push(state.profile.id);
             touched.extend(transactions.iter().filter_map(|t| t.profile_id));
-            save_profile(conn, &state, rendered.as_deref(), loaded.profile.as_ref())?;
+            save_profile(conn, &state, rendered.as_deref(), loaded.profile.as_deref())?;
             for t in &transactions {
                 save_transaction(conn, app_id, t)?;
             }

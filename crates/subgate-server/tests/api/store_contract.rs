@@ -114,7 +114,7 @@ fn transaction(profile_id: Uuid, id: &str, original: &str, usd: i64) -> Transact
 fn next(loaded: &Loaded, cuid: &str) -> ProfileState {
     match &loaded.profile {
         Some(state) => {
-            let mut state = state.clone();
+            let mut state = ProfileState::clone(state);
             state.profile.version += 1;
             state
         }
@@ -309,7 +309,7 @@ async fn lookups_report_owners_chains_and_detached_history(backend: Backend) {
             by_cuid("alice"),
             decide(|loaded| {
                 Ok(Change::Delete {
-                    profile: loaded.profile.clone().unwrap().profile,
+                    profile: loaded.profile.as_ref().unwrap().profile.clone(),
                 })
             }),
         )
@@ -484,7 +484,7 @@ async fn pages_and_imports_copy_everything_exactly(backend: Backend) {
             by_cuid("p3"),
             decide(|loaded| {
                 Ok(Change::Delete {
-                    profile: loaded.profile.clone().unwrap().profile,
+                    profile: loaded.profile.as_ref().unwrap().profile.clone(),
                 })
             }),
         )
