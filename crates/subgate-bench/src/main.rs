@@ -799,6 +799,27 @@ async fn main() -> anyhow::Result<()> {
                     );
                     print_row(&r);
                     rows.push(r);
+                    // `/health` paced at the same rate: the latency the load generator and
+                    // the machine's scheduling add at that rate, whatever the route answers.
+                    let floor = measure(
+                        &node.server,
+                        &node.target,
+                        Scenario::Baseline,
+                        &args,
+                        full_run,
+                        Some(half),
+                    )
+                    .await?;
+                    let floor_ratio = floor.outcome.rate() / f.base_rate.max(1.0);
+                    let r = row(
+                        backend,
+                        node.size,
+                        "baseline@paced",
+                        &floor,
+                        (f.base_rate, floor_ratio),
+                    );
+                    print_row(&r);
+                    rows.push(r);
                 }
             }
             written |= scenario.writes();
