@@ -470,10 +470,12 @@ async fn insert_profile(
         .await
 }
 
+/// Saves `state` over its row, which held `before` if the write loaded it.
 async fn save_profile(
     client: &impl GenericClient,
     state: &ProfileState,
     rendered: Option<&[u8]>,
+    before: Option<&ProfileState>,
 ) -> Result<(), Failure> {
     let p = &state.profile;
     let changed = if p.version == 1 {
@@ -481,10 +483,23 @@ async fn save_profile(
         // violation: the write is run again and then finds that profile.
         insert_profile(client, state, rendered, false).await?
     } else {
+        // A document equal to the locked row's is left out (NULL keeps the column): a grant
+        // leaves the transactions alone, a transaction the profile's document, and PostgreSQL
+        // then neither parses nor compresses it again.
+        let before = before.filter(|b| b.profile.id == p.id && b.profile.version == p.version - 1);
+        let doc = match before {
+            Some(b) if b.profile.doc == p.doc => None,
+            _ => Some(Json(&p.doc)),
+        };
+        let transactions = match before {
+            Some(b) if b.transactions == state.transactions => None,
+            _ => Some(Json(&state.transactions)),
+        };
         let stmt = client
             .prepare_cached(
-                "UPDATE profiles SET customer_user_id = $3, version = $4, updated_at = $5, doc = $6,
-                     transactions = $7, rendered = $8
+                "UPDATE profiles SET customer_user_id = $3, version = $4, updated_at = $5,
+                     doc = coalesce($6, doc), transactions = coalesce($7, transactions),
+                     rendered = $8
                  WHERE app_id = $1 AND id = $2 AND version = $4::bigint - 1",
             )
             .await?;
@@ -497,8 +512,8 @@ async fn save_profile(
                     &p.customer_user_id,
                     &p.version,
                     &column_time(&p.updated_at),
-                    &Json(&p.doc),
-                    &Json(&state.transactions),
+                    &doc,
+                    &transactions,
                     &rendered,
                 ],
             )
@@ -658,8 +673,12 @@ pub async fn write(
                 .collect();
             // All of the write's statements go out at once (tokio-postgres pipelines them on
             // the connection): one round trip instead of one per row.
-            let mut steps: Vec<Step<'_>> =
-                vec![Box::pin(save_profile(client, &state, rendered.as_deref()))];
+            let mut steps: Vec<Step<'_>> = vec![Box::pin(save_profile(
+                client,
+                &state,
+                rendered.as_deref(),
+                loaded.profile.as_deref(),
+            ))];
             for t in &transactions {
                 if known.contains(&(t.store.as_str(), t.store_transaction_id.as_str())) {
                     steps.push(Box::pin(async move {
@@ -702,9 +721,23 @@ pub async fn write(
                 drop_moved(client, app_id, owner, &left).await?;
             }
             // Every test build checks the row's copy against the transactions table, for the
-            // profile written and for each profile its transactions left.
+            // profile written and for each profile its transactions left, and that the row
+            // reads back as the state saved (an update leaves unchanged documents out).
             #[cfg(debug_assertions)]
             {
+                let row = client
+                    .query_one(
+                        &format!(
+                            "SELECT {PROFILE_COLUMNS} FROM profiles WHERE app_id = $1 AND id = $2"
+                        ),
+                        &[&app_id, &state.profile.id],
+                    )
+                    .await?;
+                assert_eq!(
+                    state_from(&row)?,
+                    state,
+                    "a saved state differs from its read"
+                );
                 assert_eq!(
                     attached_transactions(client, app_id, state.profile.id).await?,
                     state.transactions,

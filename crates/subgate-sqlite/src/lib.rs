@@ -1417,10 +1417,17 @@ mod tests {
         );
         assert_eq!(read.transactions[0].store_transaction_id, "t-1");
 
+        // A write that changes the document but not the transactions: only the column it
+        // changes is written again, in the compressed format.
         let bump: Decide = Box::new(|loaded| {
             let mut state =
                 ProfileState::clone(loaded.profile.as_ref().expect("the profile exists"));
             state.profile.version += 1;
+            state
+                .profile
+                .doc
+                .attributes
+                .insert("plan".into(), AttributeValue::Text("platinum".into()));
             Ok(Change::Save {
                 state,
                 transactions: Vec::new(),
@@ -1430,11 +1437,14 @@ mod tests {
         });
         let saved = store.write(app, by_customer_user_id("alpha"), bump).await;
         assert!(matches!(saved, Ok(Outcome::Saved { .. })), "{saved:?}");
-        assert_eq!(stored_types(&conn), ("blob".into(), "blob".into(), 1));
+        assert_eq!(stored_types(&conn), ("blob".into(), "text".into(), 1));
         drop(store);
         let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
         let reread = store.load_profile(app, &key).await.unwrap().unwrap();
-        assert_eq!(reread.profile.doc, read.profile.doc);
+        assert_eq!(
+            reread.profile.doc.attributes.get("plan"),
+            Some(&AttributeValue::Text("platinum".into()))
+        );
         assert_eq!(reread.transactions, read.transactions);
     }
 
