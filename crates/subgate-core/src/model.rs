@@ -450,7 +450,32 @@ pub struct ProfileState {
     pub transactions: Vec<Transaction>,
 }
 
+/// Which of a profile row's two documents a save leaves as they were: a backend's update then
+/// leaves those columns out instead of encoding them again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unchanged {
+    pub doc: bool,
+    pub transactions: bool,
+}
+
 impl ProfileState {
+    /// What saving `self` over `before` (its row as the write loaded it) leaves unchanged.
+    /// Nothing, unless `before` is the same profile one version below: the update checks that
+    /// version, so the row it replaces holds exactly `before`.
+    pub fn unchanged_since(&self, before: Option<&ProfileState>) -> Unchanged {
+        let p = &self.profile;
+        match before.filter(|b| b.profile.id == p.id && b.profile.version == p.version - 1) {
+            Some(b) => Unchanged {
+                doc: b.profile.doc == p.doc,
+                transactions: b.transactions == self.transactions,
+            },
+            None => Unchanged {
+                doc: false,
+                transactions: false,
+            },
+        }
+    }
+
     /// Revenue of every transaction not refunded, in millionths of a dollar.
     pub fn total_revenue_usd_micros(&self) -> i64 {
         self.transactions
@@ -487,7 +512,53 @@ impl ProfileState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{grant, state, sub};
     use serde_json::json;
+
+    #[test]
+    fn a_save_leaves_unchanged_only_what_equals_the_row_one_version_below() {
+        let before = state(
+            vec![sub("t1", 1, 1, 30)],
+            vec![grant(2, 1, Some(7))],
+            vec![],
+        );
+        let next = |change: &dyn Fn(&mut ProfileState)| {
+            let mut after = before.clone();
+            after.profile.version += 1;
+            change(&mut after);
+            after
+        };
+        let both = Unchanged {
+            doc: true,
+            transactions: true,
+        };
+        assert_eq!(next(&|_| {}).unchanged_since(Some(&before)), both);
+        let granted = next(&|s| s.profile.doc.grants.push(grant(3, 2, None)));
+        assert_eq!(
+            granted.unchanged_since(Some(&before)),
+            Unchanged {
+                doc: false,
+                transactions: true
+            }
+        );
+        let recorded = next(&|s| s.transactions.push(sub("t2", 3, 2, 20)));
+        assert_eq!(
+            recorded.unchanged_since(Some(&before)),
+            Unchanged {
+                doc: true,
+                transactions: false
+            }
+        );
+        let nothing = Unchanged {
+            doc: false,
+            transactions: false,
+        };
+        // Not one version below, another profile, or no row loaded: everything is written.
+        assert_eq!(before.unchanged_since(Some(&before)), nothing);
+        let other = next(&|s| s.profile.id = Uuid::from_u128(1));
+        assert_eq!(other.unchanged_since(Some(&before)), nothing);
+        assert_eq!(next(&|_| {}).unchanged_since(None), nothing);
+    }
 
     #[test]
     fn stored_documents_leave_out_unset_fields_and_read_back_those_that_wrote_them() {

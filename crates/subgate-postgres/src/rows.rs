@@ -486,15 +486,9 @@ async fn save_profile(
         // A document equal to the locked row's is left out (NULL keeps the column): a grant
         // leaves the transactions alone, a transaction the profile's document, and PostgreSQL
         // then neither parses nor compresses it again.
-        let before = before.filter(|b| b.profile.id == p.id && b.profile.version == p.version - 1);
-        let doc = match before {
-            Some(b) if b.profile.doc == p.doc => None,
-            _ => Some(Json(&p.doc)),
-        };
-        let transactions = match before {
-            Some(b) if b.transactions == state.transactions => None,
-            _ => Some(Json(&state.transactions)),
-        };
+        let unchanged = state.unchanged_since(before);
+        let doc = (!unchanged.doc).then_some(Json(&p.doc));
+        let transactions = (!unchanged.transactions).then_some(Json(&state.transactions));
         let stmt = client
             .prepare_cached(
                 "UPDATE profiles SET customer_user_id = $3, version = $4, updated_at = $5,

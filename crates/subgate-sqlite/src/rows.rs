@@ -391,7 +391,7 @@ impl<'a> ProfileColumns<'a> {
     }
 
     /// The columns, leaving out the documents that equal `before`'s, for an update of the row
-    /// `before` was loaded from (its version is checked by the update). A grant leaves the
+    /// `before` was loaded from ([`ProfileState::unchanged_since`]). A grant leaves the
     /// transactions as they were, a transaction the profile's document: encoding each again
     /// (JSON, then LZ4) was about a twentieth of the writer thread's time.
     fn changed_from(
@@ -400,13 +400,16 @@ impl<'a> ProfileColumns<'a> {
         before: Option<&ProfileState>,
     ) -> Result<Self, StoreError> {
         let p = &state.profile;
-        let doc = match before {
-            Some(b) if b.profile.doc == p.doc => None,
-            _ => Some(codec::encode(&p.doc)?),
+        let unchanged = state.unchanged_since(before);
+        let doc = if unchanged.doc {
+            None
+        } else {
+            Some(codec::encode(&p.doc)?)
         };
-        let transactions = match before {
-            Some(b) if b.transactions == state.transactions => None,
-            _ => Some(codec::encode(&state.transactions)?),
+        let transactions = if unchanged.transactions {
+            None
+        } else {
+            Some(codec::encode(&state.transactions)?)
         };
         Ok(Self {
             state,
@@ -500,10 +503,8 @@ fn save_profile(
     if p.version == 1 {
         return insert_profile(conn, state, rendered, false);
     }
-    // The row the update replaces, when the write loaded it (the update checks the version).
-    let before = before.filter(|b| b.profile.id == p.id && b.profile.version == p.version - 1);
-    let same_customer_user_id =
-        before.is_some_and(|b| b.profile.customer_user_id == p.customer_user_id);
+    let same_customer_user_id = before
+        .is_some_and(|b| b.profile.id == p.id && b.profile.customer_user_id == p.customer_user_id);
     let columns = ProfileColumns::changed_from(state, rendered, before)?;
     // Most rows sit at their customer user id's slot: updating there skips a descent into the
     // `profiles_id` index (a random page read at a million profiles). A row elsewhere changes
