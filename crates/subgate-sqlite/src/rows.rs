@@ -401,16 +401,12 @@ impl<'a> ProfileColumns<'a> {
     ) -> Result<Self, StoreError> {
         let p = &state.profile;
         let unchanged = state.unchanged_since(before);
-        let doc = if unchanged.doc {
-            None
-        } else {
-            Some(codec::encode(&p.doc)?)
-        };
-        let transactions = if unchanged.transactions {
-            None
-        } else {
-            Some(codec::encode(&state.transactions)?)
-        };
+        let doc = (!unchanged.doc)
+            .then(|| codec::encode(&p.doc))
+            .transpose()?;
+        let transactions = (!unchanged.transactions)
+            .then(|| codec::encode(&state.transactions))
+            .transpose()?;
         Ok(Self {
             state,
             app_id: p.app_id.to_string(),
