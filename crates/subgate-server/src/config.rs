@@ -59,7 +59,8 @@ impl ServerSettings {
     /// page from memory that thread waits for the disk; threads beyond the cores keep the CPU
     /// answering others meanwhile. With a million profiles on a file read from the disk, 2
     /// threads on the 2-core benchmark machine answered 17-20k reads/s, 6 threads 41-43k/s
-    /// (README, Performance); at 10k profiles, all in memory, both gave the same.
+    /// (docs/bench/FINDINGS.md, SQLite reads); at 10k profiles, all in memory, both gave the
+    /// same.
     pub fn worker_threads(&self) -> usize {
         self.worker_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) + 4)

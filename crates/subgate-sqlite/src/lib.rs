@@ -174,9 +174,10 @@ pub struct SqliteOptions {
     /// file. Each copy writes every page changed since the last one, at random places in the
     /// file, and its sync waits for them on the disk the commits' WAL syncs also wait on;
     /// copying less often writes a page changed many times once, and syncs less. Every 500 ms
-    /// instead of every 100 ms, in three pairs of turns (README, SQLite writes): SQLite writes
-    /// 5-23% more per `/health` request at 10k and 1M in eleven of twelve comparisons. The log
-    /// grows by what is written in one interval past `wal_rewind_pages`.
+    /// instead of every 100 ms, in three pairs of turns (docs/bench/FINDINGS.md, SQLite
+    /// writes): SQLite writes 5-23% more per `/health` request at 10k and 1M in eleven of
+    /// twelve comparisons. The log grows by what is written in one interval past
+    /// `wal_rewind_pages`.
     pub checkpoint_interval: Duration,
 }
 
