@@ -103,18 +103,18 @@ pub fn profile(app_id: Uuid, i: u64) -> ProfileState {
             },
         },
         transactions: vec![
-            transaction(
+            Arc::new(transaction(
                 id,
                 format!("seed-sub-{i}"),
                 PurchaseType::Subscription,
                 "com.bench.monthly",
-            ),
-            transaction(
+            )),
+            Arc::new(transaction(
                 id,
                 format!("seed-life-{i}"),
                 PurchaseType::OneTimePurchase,
                 "com.bench.lifetime",
-            ),
+            )),
         ],
     }
 }

@@ -3,6 +3,7 @@
 use crate::model::*;
 use chrono::{DateTime, TimeZone, Utc};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use uuid::Uuid;
 
 pub fn at(day: u32) -> DateTime<Utc> {
@@ -108,6 +109,6 @@ pub fn state(
                 ..ProfileDoc::default()
             },
         },
-        transactions,
+        transactions: transactions.into_iter().map(Arc::new).collect(),
     }
 }

@@ -5,6 +5,7 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Stores every app knows without configuration.
@@ -325,7 +326,7 @@ pub struct Price {
 }
 
 /// A purchase from any store, as recorded by set-transaction (or an import).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {
     /// The `purchase_id` of a one-time purchase; stable across updates.
     pub id: Uuid,
@@ -447,7 +448,9 @@ impl Transaction {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProfileState {
     pub profile: Profile,
-    pub transactions: Vec<Transaction>,
+    /// Shared between a profile's successive states: a write that records one transaction
+    /// copies the others' pointers, not their text (`Arc::make_mut` copies the one it changes).
+    pub transactions: Vec<Arc<Transaction>>,
 }
 
 /// Which of a profile row's two documents a save leaves as they were: a backend's update then
@@ -541,7 +544,7 @@ mod tests {
                 transactions: true
             }
         );
-        let recorded = next(&|s| s.transactions.push(sub("t2", 3, 2, 20)));
+        let recorded = next(&|s| s.transactions.push(Arc::new(sub("t2", 3, 2, 20))));
         assert_eq!(
             recorded.unchanged_since(Some(&before)),
             Unchanged {

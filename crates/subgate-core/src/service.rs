@@ -17,6 +17,7 @@ use crate::store::{
 use crate::time;
 use crate::transaction::{self, TransactionInput};
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
+use std::borrow::Borrow;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -974,6 +975,7 @@ impl Services {
             let ended: Vec<&Transaction> = before
                 .transactions
                 .iter()
+                .map(|t| &**t)
                 .filter(in_chain)
                 .filter(|t| t.expiry_due_at().is_some_and(|due| due <= now))
                 .collect();
@@ -983,6 +985,7 @@ impl Services {
             let last = before
                 .transactions
                 .iter()
+                .map(|t| &**t)
                 .filter(in_chain)
                 .max_by_key(|t| (t.purchased_at, t.expires_at));
             let mut next = next_version(before, now);
@@ -992,8 +995,8 @@ impl Services {
                     .iter()
                     .any(|e| e.store_transaction_id == t.store_transaction_id && e.store == t.store)
                 {
-                    t.expiry_handled = true;
-                    handled.push(t.clone());
+                    Arc::make_mut(t).expiry_handled = true;
+                    handled.push(Transaction::clone(t));
                 }
             }
             let mut events = EventBuilder::new(&app_for_decide, &next, now);
@@ -1016,14 +1019,19 @@ impl Services {
     }
 }
 
-/// Replaces the transaction with the same store id, in place, or appends it.
-fn replace_or_push(transactions: &mut Vec<Transaction>, t: &Transaction) {
-    match transactions
-        .iter_mut()
-        .find(|old| old.store == t.store && old.store_transaction_id == t.store_transaction_id)
-    {
-        Some(old) => *old = t.clone(),
-        None => transactions.push(t.clone()),
+/// Replaces the transaction with the same store id, in place, or appends it (in a profile's
+/// shared list or a plain one).
+fn replace_or_push<T>(transactions: &mut Vec<T>, t: &Transaction)
+where
+    T: Borrow<Transaction> + From<Transaction>,
+{
+    let same = |old: &&mut T| {
+        let old: &Transaction = (**old).borrow();
+        old.store == t.store && old.store_transaction_id == t.store_transaction_id
+    };
+    match transactions.iter_mut().find(same) {
+        Some(old) => *old = T::from(t.clone()),
+        None => transactions.push(T::from(t.clone())),
     }
 }
 
@@ -1046,7 +1054,7 @@ fn linked_transaction(
                 .transactions
                 .iter()
                 .find(|t| t.store == purchase.store && t.store_transaction_id == id)
-                .cloned()
+                .map(|t| Transaction::clone(t))
         }
     }
 }

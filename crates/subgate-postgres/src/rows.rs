@@ -45,11 +45,18 @@ fn profile_from(row: &Row) -> Result<Profile, StoreError> {
 
 pub fn state_from(row: &Row) -> Result<ProfileState, StoreError> {
     let profile = profile_from(row)?;
-    let Stored(mut transactions): Stored<Vec<Transaction>> = get(row, 7)?;
+    let Stored(transactions): Stored<Vec<Transaction>> = get(row, 7)?;
     // They are this profile's by being in its row; a moved transaction's own copy may be older.
-    for t in &mut transactions {
-        t.profile_id = Some(profile.id);
-    }
+    // (Decoded as plain values: serde builds an `Arc` through a `Box`, two allocations.)
+    let transactions = transactions
+        .into_iter()
+        .map(|t| {
+            Arc::new(Transaction {
+                profile_id: Some(profile.id),
+                ..t
+            })
+        })
+        .collect();
     Ok(ProfileState {
         profile,
         transactions,
@@ -662,7 +669,12 @@ pub async fn write(
             let known: HashSet<(&str, &str)> = loaded
                 .related
                 .iter()
-                .chain(loaded.profile.iter().flat_map(|p| &p.transactions))
+                .chain(
+                    loaded
+                        .profile
+                        .iter()
+                        .flat_map(|p| p.transactions.iter().map(|t| &**t)),
+                )
                 .map(|t| (t.store.as_str(), t.store_transaction_id.as_str()))
                 .collect();
             // All of the write's statements go out at once (tokio-postgres pipelines them on
@@ -734,7 +746,11 @@ pub async fn write(
                 );
                 assert_eq!(
                     attached_transactions(client, app_id, state.profile.id).await?,
-                    state.transactions,
+                    state
+                        .transactions
+                        .iter()
+                        .map(|t| Transaction::clone(t))
+                        .collect::<Vec<_>>(),
                     "a profile row's transactions differ from the transactions table"
                 );
                 for &owner in &moved_from {
@@ -890,7 +906,12 @@ pub async fn import(
     let transactions: Vec<(Uuid, &Transaction)> = profiles
         .iter()
         .map(|p| &p.state)
-        .flat_map(|state| state.transactions.iter().map(|t| (state.profile.app_id, t)))
+        .flat_map(|state| {
+            state
+                .transactions
+                .iter()
+                .map(|t| (state.profile.app_id, &**t))
+        })
         .chain(detached.iter().map(|d| (d.app_id, &d.transaction)))
         .collect();
     // The common case (a new row, or one on the same profile) is one pipelined upsert each.

@@ -58,12 +58,15 @@ fn approx_bytes(state: &ProfileState) -> usize {
     use subgate_core::model::{AttributeValue, Grant, Revoke, Transaction};
     let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
     let doc = &state.profile.doc;
-    let transactions: usize = state.transactions.capacity() * size_of::<Transaction>()
+    // Each transaction sits behind its own `Arc` (two counters before the struct).
+    let transactions: usize = state.transactions.capacity() * size_of::<Arc<Transaction>>()
         + state
             .transactions
             .iter()
             .map(|t| {
-                t.store.capacity()
+                2 * size_of::<usize>()
+                    + size_of::<Transaction>()
+                    + t.store.capacity()
                     + t.store_product_id.capacity()
                     + t.store_transaction_id.capacity()
                     + t.store_original_transaction_id.capacity()
@@ -475,7 +478,7 @@ mod tests {
         for transactions in [2, 16, 64] {
             for saved_by_a_write in [false, true] {
                 let before = held();
-                let mut decoded: Vec<Transaction> = (0..transactions)
+                let mut decoded: Vec<Arc<Transaction>> = (0..transactions)
                     .map(|i| serde_json::from_value(stored_transaction(i)).unwrap())
                     .collect();
                 decoded.shrink_to_fit();

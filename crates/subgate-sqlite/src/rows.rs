@@ -164,11 +164,18 @@ fn collect_transactions(
 
 fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
     let id = Uuid::parse_str(&row.id).map_err(|e| corrupt("profile id", e))?;
-    let mut transactions: Vec<Transaction> = row.transactions.decode("transactions")?;
+    let transactions: Vec<Transaction> = row.transactions.decode("transactions")?;
     // They are this profile's by being in its row; a moved transaction's own copy may be older.
-    for t in &mut transactions {
-        t.profile_id = Some(id);
-    }
+    // (Decoded as plain values: serde builds an `Arc` through a `Box`, two allocations.)
+    let transactions = transactions
+        .into_iter()
+        .map(|t| {
+            Arc::new(Transaction {
+                profile_id: Some(id),
+                ..t
+            })
+        })
+        .collect();
     let doc: ProfileDoc = row.doc.decode("profile")?;
     Ok(ProfileState {
         profile: Profile {
@@ -629,6 +636,7 @@ fn drop_moved(
     let kept: Vec<&Transaction> = state
         .transactions
         .iter()
+        .map(|t| &**t)
         .filter(|t| moved.iter().all(|m| m.id != t.id))
         .collect();
     let kept = codec::encode(&kept)?;
@@ -639,7 +647,11 @@ fn drop_moved(
     .map_err(storage)?;
     #[cfg(debug_assertions)]
     assert_eq!(
-        load_profile(conn, app_id, &ProfileKey::Id(owner))?.map(|s| s.transactions),
+        load_profile(conn, app_id, &ProfileKey::Id(owner))?.map(|s| s
+            .transactions
+            .iter()
+            .map(|t| Transaction::clone(t))
+            .collect::<Vec<_>>()),
         Some(attached_transactions(conn, app_id, owner)?),
         "a former owner's row keeps transactions the table moved"
     );
@@ -728,7 +740,11 @@ pub fn write(
                 );
                 assert_eq!(
                     attached_transactions(conn, app_id, state.profile.id)?,
-                    state.transactions,
+                    state
+                        .transactions
+                        .iter()
+                        .map(|t| Transaction::clone(t))
+                        .collect::<Vec<_>>(),
                     "a profile row's transactions differ from the transactions table"
                 );
             }

@@ -7,6 +7,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
+use std::sync::Arc;
 use subgate_core::access::{self, AccessLevelView, Source};
 use subgate_core::currency;
 use subgate_core::model::{
@@ -161,11 +162,12 @@ pub fn grant_identity(g: &Grant) -> GrantIdentity<'_> {
 
 /// The latest transaction of each subscription chain, in the order the chains began.
 pub(crate) fn latest_of_each_chain(
-    transactions: &[Transaction],
+    transactions: &[Arc<Transaction>],
 ) -> Vec<(&Transaction, DateTime<Utc>)> {
     let mut chains: Vec<(&Transaction, DateTime<Utc>)> = Vec::new();
     for t in transactions
         .iter()
+        .map(|t| &**t)
         .filter(|t| t.purchase_type == PurchaseType::Subscription)
     {
         let first = t.originally_purchased_at.unwrap_or(t.purchased_at);
@@ -517,7 +519,7 @@ pub(crate) mod tests {
                 updated_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
                 doc: ProfileDoc { attributes, ..doc },
             },
-            transactions,
+            transactions: transactions.into_iter().map(Arc::new).collect(),
         };
         let app = App::new(
             serde_json::from_value::<AppDefinition>(json!({

@@ -192,7 +192,7 @@ async fn record(store: &dyn Store, cuid: &str, tx_id: &str, original: &str) -> O
                 state
                     .transactions
                     .retain(|x| x.store_transaction_id != t.store_transaction_id);
-                state.transactions.push(t.clone());
+                state.transactions.push(Arc::new(t.clone()));
                 let rendered = Some(answer(&state));
                 Ok(Change::Save {
                     state,
@@ -534,12 +534,12 @@ async fn an_import_moving_a_transaction_leaves_no_copy_behind(backend: Backend) 
     let store = open(&db).await;
     let first = saved(record(&*store, "first", "t1", "t1").await).await;
     saved(record(&*store, "first", "t2", "t2").await).await;
-    let moved = first.transactions[0].clone();
+    let moved = Transaction::clone(&first.transactions[0]);
     let mut second = new_profile("second");
-    second.transactions = vec![Transaction {
+    second.transactions = vec![Arc::new(Transaction {
         profile_id: Some(second.profile.id),
         ..moved.clone()
-    }];
+    })];
     let detached = DetachedTransaction {
         app_id: APP,
         transaction: Transaction {
@@ -550,6 +550,7 @@ async fn an_import_moving_a_transaction_leaves_no_copy_behind(backend: Backend) 
                 .unwrap()
                 .unwrap()
                 .transactions[1]
+                .as_ref()
                 .clone()
         },
     };
