@@ -36,7 +36,7 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
 
 /// `value` as its column holds it.
 pub fn encode(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
-    let json = serde_json::to_vec(value).map_err(internal)?;
+    let json = sonic_rs::to_vec(value).map_err(internal)?;
     let length = u32::try_from(json.len())
         .ok()
         .filter(|&n| n as usize <= MAX_DECODED)
