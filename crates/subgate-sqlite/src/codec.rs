@@ -135,6 +135,48 @@ mod tests {
         assert_eq!(read, transactions);
     }
 
+    /// Written by sonic-rs and read by serde_json: numbers at the edges of `f64` and strings
+    /// that need escaping must come back as they went in.
+    #[test]
+    fn a_profile_document_with_odd_numbers_and_text_reads_back_as_written() {
+        use subgate_core::model::{AttributeValue, ProfileDoc};
+        let numbers = [
+            0.1,
+            -0.0,
+            42.0,
+            1e300,
+            -1.7976931348623157e308,
+            5e-324,
+            9_007_199_254_740_993.0,
+            1.0 / 3.0,
+        ];
+        let texts = [
+            "quote \" slash \\ / tab \t nl \n",
+            "\u{1} \u{1f} \u{7f}",
+            "é 😀 \u{2028} \u{2029}",
+            "",
+        ];
+        let mut doc = ProfileDoc::default();
+        for (i, n) in numbers.iter().enumerate() {
+            doc.attributes
+                .insert(format!("n{i}"), AttributeValue::Number(*n));
+        }
+        for (i, text) in texts.iter().enumerate() {
+            doc.attributes
+                .insert(format!("s{i} \"k\""), AttributeValue::Text((*text).into()));
+        }
+        let read: ProfileDoc = StoredJson::Packed(encode(&doc).unwrap())
+            .decode("profile")
+            .unwrap();
+        assert_eq!(read, doc);
+        for (i, n) in numbers.iter().enumerate() {
+            match &read.attributes[&format!("n{i}")] {
+                AttributeValue::Number(m) => assert_eq!(m.to_bits(), n.to_bits(), "{n}"),
+                other => panic!("{n} read back as {other:?}"),
+            }
+        }
+    }
+
     /// LZ4 matches reach back 64 KB at most; a long transaction list must still read back.
     #[test]
     fn a_value_far_longer_than_the_dictionary_reads_back() {
