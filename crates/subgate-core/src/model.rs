@@ -462,6 +462,21 @@ pub struct Unchanged {
 }
 
 impl ProfileState {
+    /// A profile row's transactions as decoded, each marked as `profile_id`'s: they are its by
+    /// being in its row, and a moved transaction's own copy may be older. (Decoded as plain
+    /// values and wrapped here: serde would build each `Arc` through a `Box`, two allocations.)
+    pub fn row_transactions(profile_id: Uuid, decoded: Vec<Transaction>) -> Vec<Arc<Transaction>> {
+        decoded
+            .into_iter()
+            .map(|t| {
+                Arc::new(Transaction {
+                    profile_id: Some(profile_id),
+                    ..t
+                })
+            })
+            .collect()
+    }
+
     /// What saving `self` over `before` (its row as the write loaded it) leaves unchanged.
     /// Nothing, unless `before` is the same profile one version below: the update checks that
     /// version, so the row it replaces holds exactly `before`.

@@ -46,17 +46,7 @@ fn profile_from(row: &Row) -> Result<Profile, StoreError> {
 pub fn state_from(row: &Row) -> Result<ProfileState, StoreError> {
     let profile = profile_from(row)?;
     let Stored(transactions): Stored<Vec<Transaction>> = get(row, 7)?;
-    // They are this profile's by being in its row; a moved transaction's own copy may be older.
-    // (Decoded as plain values: serde builds an `Arc` through a `Box`, two allocations.)
-    let transactions = transactions
-        .into_iter()
-        .map(|t| {
-            Arc::new(Transaction {
-                profile_id: Some(profile.id),
-                ..t
-            })
-        })
-        .collect();
+    let transactions = ProfileState::row_transactions(profile.id, transactions);
     Ok(ProfileState {
         profile,
         transactions,

@@ -164,18 +164,7 @@ fn collect_transactions(
 
 fn hydrate(app_id: Uuid, row: ProfileRow) -> Result<ProfileState, StoreError> {
     let id = Uuid::parse_str(&row.id).map_err(|e| corrupt("profile id", e))?;
-    let transactions: Vec<Transaction> = row.transactions.decode("transactions")?;
-    // They are this profile's by being in its row; a moved transaction's own copy may be older.
-    // (Decoded as plain values: serde builds an `Arc` through a `Box`, two allocations.)
-    let transactions = transactions
-        .into_iter()
-        .map(|t| {
-            Arc::new(Transaction {
-                profile_id: Some(id),
-                ..t
-            })
-        })
-        .collect();
+    let transactions = ProfileState::row_transactions(id, row.transactions.decode("transactions")?);
     let doc: ProfileDoc = row.doc.decode("profile")?;
     Ok(ProfileState {
         profile: Profile {
