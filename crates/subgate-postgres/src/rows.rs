@@ -735,12 +735,12 @@ pub async fn write(
                     "a saved state differs from its read"
                 );
                 assert_eq!(
-                    attached_transactions(client, app_id, state.profile.id).await?,
-                    state
-                        .transactions
-                        .iter()
-                        .map(|t| Transaction::clone(t))
+                    attached_transactions(client, app_id, state.profile.id)
+                        .await?
+                        .into_iter()
+                        .map(Arc::new)
                         .collect::<Vec<_>>(),
+                    state.transactions,
                     "a profile row's transactions differ from the transactions table"
                 );
                 for &owner in &moved_from {

@@ -636,12 +636,13 @@ fn drop_moved(
     .map_err(storage)?;
     #[cfg(debug_assertions)]
     assert_eq!(
-        load_profile(conn, app_id, &ProfileKey::Id(owner))?.map(|s| s
-            .transactions
-            .iter()
-            .map(|t| Transaction::clone(t))
-            .collect::<Vec<_>>()),
-        Some(attached_transactions(conn, app_id, owner)?),
+        load_profile(conn, app_id, &ProfileKey::Id(owner))?.map(|s| s.transactions),
+        Some(
+            attached_transactions(conn, app_id, owner)?
+                .into_iter()
+                .map(Arc::new)
+                .collect::<Vec<_>>()
+        ),
         "a former owner's row keeps transactions the table moved"
     );
     Ok(())
@@ -728,12 +729,11 @@ pub fn write(
                     "a saved state differs from its read"
                 );
                 assert_eq!(
-                    attached_transactions(conn, app_id, state.profile.id)?,
-                    state
-                        .transactions
-                        .iter()
-                        .map(|t| Transaction::clone(t))
+                    attached_transactions(conn, app_id, state.profile.id)?
+                        .into_iter()
+                        .map(Arc::new)
                         .collect::<Vec<_>>(),
+                    state.transactions,
                     "a profile row's transactions differ from the transactions table"
                 );
             }
