@@ -17,6 +17,7 @@ mod page_cache;
 mod read_ahead;
 mod rows;
 mod schema;
+mod wal_gather;
 
 use async_trait::async_trait;
 use cache::ProfileCache;
@@ -138,11 +139,33 @@ fn store_closing() -> StoreError {
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    open_connection_via(path, None)
+}
+
+/// The writer's connection: its WAL writes are gathered into one call a commit
+/// ([`wal_gather`]), which needs the sync `open_connection` sets.
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    // Before the VFS's registration, which initializes SQLite.
+    page_cache::install();
+    wal_gather::register().map_err(unavailable)?;
+    let conn = open_connection_via(path, Some(wal_gather::NAME))?;
+    wal_gather::check_synchronous_full(&conn).map_err(unavailable)?;
+    Ok(conn)
+}
+
+fn open_connection_via(
+    path: &Path,
+    vfs: Option<&std::ffi::CStr>,
+) -> Result<Connection, StoreError> {
     page_cache::install();
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
+    let conn = match vfs {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        None => Connection::open_with_flags(path, flags),
+    }
+    .map_err(unavailable)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
@@ -216,7 +239,7 @@ impl SqliteStore {
                 .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
         let lock = if owner { Some(lock_file(&path)?) } else { None };
-        let mut writer_conn = open_connection(&path)?;
+        let mut writer_conn = open_writer(&path)?;
         schema::migrate(&mut writer_conn)?;
         // The writer touches pages all over the indexes; reading them back through syscalls
         // showed in profiles. 32 MiB keeps the hot part in memory. Checkpoints (copying the
@@ -1159,6 +1182,61 @@ mod tests {
         assert!(saved.unwrap());
         let rendered = store.load_rendered(app, &key).await.unwrap();
         assert_eq!(rendered.as_deref(), Some(&b"answer"[..]));
+    }
+
+    /// The writer's WAL writes are gathered, many to a call, and yet every answered write is
+    /// in the files when it is answered: a copy of the database and its WAL taken then, as a
+    /// crash would leave them, holds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answered_writes_are_in_the_wal_file_though_its_writes_are_gathered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        // No checkpoint copies the commits into the database file meanwhile.
+        let options = SqliteOptions {
+            checkpoint_interval: Duration::from_secs(3600),
+            ..SqliteOptions::default()
+        };
+        let store = Arc::new(SqliteStore::open(&path, &options).unwrap());
+        let app = Uuid::now_v7();
+        let counts = || *wal_gather::COUNTS.lock().unwrap();
+        let (calls_before, writes_before) = counts();
+        const WRITES: usize = 30;
+        let writes: Vec<_> = (0..WRITES)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                let cuid = format!("u{i}");
+                let decide = create_as(app, Uuid::now_v7(), &cuid, Uuid::now_v7());
+                tokio::spawn(
+                    async move { store.write(app, by_customer_user_id(&cuid), decide).await },
+                )
+            })
+            .collect();
+        for write in writes {
+            let result = write.await.unwrap();
+            assert!(matches!(result, Ok(Outcome::Saved { .. })), "{result:?}");
+        }
+        // Other tests write meanwhile; every one of their calls gathers two writes or more
+        // too (a frame is two), so the ratio holds over all of them.
+        let (calls, writes) = counts();
+        let (calls, writes) = (calls - calls_before, writes - writes_before);
+        assert!(calls > 0, "the WAL was written");
+        assert!(
+            writes >= 2 * calls,
+            "{writes} WAL writes went out in {calls} calls"
+        );
+
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(&path, copy.path().join("t.db")).unwrap();
+        std::fs::copy(dir.path().join("t.db-wal"), copy.path().join("t.db-wal")).unwrap();
+        let conn = Connection::open(copy.path().join("t.db")).unwrap();
+        let profiles: i64 = conn
+            .query_row("SELECT count(*) FROM profiles", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(profiles, WRITES as i64);
+        let integrity: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(integrity, "ok");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
