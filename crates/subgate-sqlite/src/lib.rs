@@ -1198,7 +1198,12 @@ mod tests {
         };
         let store = Arc::new(SqliteStore::open(&path, &options).unwrap());
         let app = Uuid::now_v7();
-        let counts = || *wal_gather::COUNTS.lock().unwrap();
+        let counts = || {
+            (
+                wal_gather::WRITTEN_OUT.load(Ordering::Relaxed),
+                wal_gather::GATHERED.load(Ordering::Relaxed),
+            )
+        };
         let (calls_before, writes_before) = counts();
         const WRITES: usize = 30;
         let writes: Vec<_> = (0..WRITES)

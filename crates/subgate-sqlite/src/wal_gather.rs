@@ -23,6 +23,8 @@
 use rusqlite::ffi;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
+#[cfg(test)]
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// The name connections open this VFS by.
@@ -54,7 +56,9 @@ static REGISTERED: OnceLock<c_int> = OnceLock::new();
 /// Counts the buffers written out and the writes gathered into them, so that tests can see
 /// the gathering happen.
 #[cfg(test)]
-pub static COUNTS: std::sync::Mutex<(u64, u64)> = std::sync::Mutex::new((0, 0));
+pub static WRITTEN_OUT: AtomicU64 = AtomicU64::new(0);
+#[cfg(test)]
+pub static GATHERED: AtomicU64 = AtomicU64::new(0);
 
 /// Registers the VFS (not as the default), once per process. Must run after
 /// `page_cache::install`, since looking up the default VFS initializes SQLite.
@@ -149,10 +153,7 @@ unsafe fn write_out(file: *mut ffi::sqlite3_file) -> c_int {
         return ffi::SQLITE_OK;
     }
     #[cfg(test)]
-    {
-        let mut counts = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
-        counts.0 += 1;
-    }
+    WRITTEN_OUT.fetch_add(1, Ordering::Relaxed);
     let Some(write) = (*g.methods).xWrite else {
         return ffi::SQLITE_IOERR_WRITE;
     };
@@ -194,10 +195,7 @@ unsafe extern "C" fn write(
     g.bytes
         .extend_from_slice(std::slice::from_raw_parts(data.cast::<u8>(), length));
     #[cfg(test)]
-    {
-        let mut counts = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
-        counts.1 += 1;
-    }
+    GATHERED.fetch_add(1, Ordering::Relaxed);
     if g.bytes.len() >= MAX_GATHERED {
         return write_out(file);
     }
@@ -212,49 +210,47 @@ unsafe extern "C" fn read(
 ) -> c_int {
     let g = gathered(file);
     let end = offset + i64::from(amount);
-    if !g.bytes.is_empty() && offset < g.start + g.bytes.len() as i64 && end > g.start {
-        let rc = write_out(file);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-    }
-    match (*gathered(file).methods).xRead {
+    let read = || match (*gathered(file).methods).xRead {
         Some(read) => read(file, buffer, amount, offset),
         None => ffi::SQLITE_IOERR_READ,
+    };
+    if !g.bytes.is_empty() && offset < g.start + g.bytes.len() as i64 && end > g.start {
+        written_out_then(file, read)
+    } else {
+        read()
+    }
+}
+
+/// Writes the gathered bytes out, then runs `call` (a default method) if that succeeded.
+///
+/// # Safety
+/// As [`gathered`].
+unsafe fn written_out_then(file: *mut ffi::sqlite3_file, call: impl FnOnce() -> c_int) -> c_int {
+    match write_out(file) {
+        ffi::SQLITE_OK => call(),
+        failed => failed,
     }
 }
 
 unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    let rc = write_out(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match (*gathered(file).methods).xSync {
+    written_out_then(file, || match (*gathered(file).methods).xSync {
         Some(sync) => sync(file, flags),
         None => ffi::SQLITE_IOERR_FSYNC,
-    }
+    })
 }
 
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    let rc = write_out(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match (*gathered(file).methods).xTruncate {
+    written_out_then(file, || match (*gathered(file).methods).xTruncate {
         Some(truncate) => truncate(file, size),
         None => ffi::SQLITE_IOERR_TRUNCATE,
-    }
+    })
 }
 
 unsafe extern "C" fn file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    let rc = write_out(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match (*gathered(file).methods).xFileSize {
+    written_out_then(file, || match (*gathered(file).methods).xFileSize {
         Some(file_size) => file_size(file, size),
         None => ffi::SQLITE_IOERR_FSTAT,
-    }
+    })
 }
 
 unsafe extern "C" fn file_control(
@@ -262,14 +258,10 @@ unsafe extern "C" fn file_control(
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
-    let rc = write_out(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match (*gathered(file).methods).xFileControl {
+    written_out_then(file, || match (*gathered(file).methods).xFileControl {
         Some(file_control) => file_control(file, op, arg),
         None => ffi::SQLITE_NOTFOUND,
-    }
+    })
 }
 
 unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
