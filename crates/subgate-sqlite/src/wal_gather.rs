@@ -1,4 +1,4 @@
-//! The writer's WAL writes, gathered into one `pwrite` a commit.
+//! The writer's WAL writes, gathered into a few large `pwrite`s a commit (ADR 0016).
 //!
 //! SQLite writes each WAL frame with two calls, its 24-byte header and then its page. A commit
 //! of a group of writes changes about five pages a write (docs/bench/FINDINGS.md, session 29),
