@@ -142,11 +142,9 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     open_connection_via(path, None)
 }
 
-/// The writer's connection: its WAL writes are gathered into one call a commit
+/// The writer's connection: its WAL writes are gathered into a few calls a commit
 /// ([`wal_gather`]), which needs the sync `open_connection` sets.
 fn open_writer(path: &Path) -> Result<Connection, StoreError> {
-    // Before the VFS's registration, which initializes SQLite.
-    page_cache::install();
     wal_gather::register().map_err(unavailable)?;
     let conn = open_connection_via(path, Some(wal_gather::NAME))?;
     wal_gather::check_synchronous_full(&conn).map_err(unavailable)?;

@@ -60,9 +60,11 @@ pub static WRITTEN_OUT: AtomicU64 = AtomicU64::new(0);
 #[cfg(test)]
 pub static GATHERED: AtomicU64 = AtomicU64::new(0);
 
-/// Registers the VFS (not as the default), once per process. Must run after
-/// `page_cache::install`, since looking up the default VFS initializes SQLite.
+/// Registers the VFS (not as the default), once per process. Looking up the default VFS
+/// initializes SQLite, after which `page_cache::install` can no longer take effect: so it
+/// runs first, here.
 pub fn register() -> Result<(), String> {
+    crate::page_cache::install();
     let rc = *REGISTERED.get_or_init(|| {
         // SAFETY: `sqlite3_vfs_find(NULL)` returns the default VFS, which lives as long as the
         // process; its fields are copied, and the copy is leaked, as SQLite keeps a registered
