@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use load::{Outcome, Scenario, Target};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -122,11 +123,52 @@ impl Server {
 /// CPU seconds process `pid` has used so far, user and system, all threads (the kernel counts
 /// them in USER_HZ, 100 a second on Linux).
 fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// User and system seconds from a `/proc/.../stat` line.
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
     Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// CPU seconds of process `pid`'s threads so far, summed by thread name (`tokio-rt-worker`,
+/// `sqlite-writer`, ...): which thread a figure's cost sits on tells what limits it, as the
+/// one writer thread every write waits for. A thread that ended is no longer counted, so the
+/// sums are read over a span in which the server keeps its threads.
+fn thread_cpu_seconds(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        if let Some(seconds) = stat_cpu_seconds(&stat) {
+            *by_name.entry(name.trim().to_string()).or_insert(0.0) += seconds;
+        }
+    }
+    by_name
+}
+
+/// Bytes process `pid` has had read from storage so far (`read_bytes` of `/proc/<pid>/io`):
+/// reads the kernel's page cache served are not in it, so it shows the database's pages the
+/// machine had let go of.
+fn storage_read_bytes(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The machine's idle ticks (idle and iowait) and all its ticks so far, over every CPU, from
@@ -151,9 +193,11 @@ fn idle_and_all_ticks(stat: &str) -> Option<(u64, u64)> {
 /// Where the machine's CPU went while a scenario was measured. The load generator's share,
 /// with the server's and the idle share, tells what is left for other processes (PostgreSQL):
 /// on these 2-core machines they all share the cores the ratios are measured on.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct CpuUse {
     server_seconds: f64,
+    server_threads: BTreeMap<String, f64>,
+    server_storage_read_bytes: u64,
     generator_seconds: f64,
     idle_ticks: u64,
     all_ticks: u64,
@@ -162,8 +206,11 @@ struct CpuUse {
 impl CpuUse {
     fn now(server: &Server) -> Option<CpuUse> {
         let (idle_ticks, all_ticks) = machine_ticks()?;
+        let pid = server.child.id();
         Some(CpuUse {
-            server_seconds: process_cpu_seconds(server.child.id())?,
+            server_seconds: process_cpu_seconds(pid)?,
+            server_threads: thread_cpu_seconds(pid),
+            server_storage_read_bytes: storage_read_bytes(pid).unwrap_or(0),
             generator_seconds: process_cpu_seconds(std::process::id())?,
             idle_ticks,
             all_ticks,
@@ -173,6 +220,10 @@ impl CpuUse {
     fn since(self, before: CpuUse) -> CpuUse {
         CpuUse {
             server_seconds: self.server_seconds - before.server_seconds,
+            server_threads: combine(self.server_threads, &before.server_threads, -1.0),
+            server_storage_read_bytes: self
+                .server_storage_read_bytes
+                .saturating_sub(before.server_storage_read_bytes),
             generator_seconds: self.generator_seconds - before.generator_seconds,
             idle_ticks: self.idle_ticks.saturating_sub(before.idle_ticks),
             all_ticks: self.all_ticks.saturating_sub(before.all_ticks),
@@ -190,11 +241,27 @@ impl CpuUse {
     fn plus(self, other: CpuUse) -> CpuUse {
         CpuUse {
             server_seconds: self.server_seconds + other.server_seconds,
+            server_threads: combine(self.server_threads, &other.server_threads, 1.0),
+            server_storage_read_bytes: self.server_storage_read_bytes
+                + other.server_storage_read_bytes,
             generator_seconds: self.generator_seconds + other.generator_seconds,
             idle_ticks: self.idle_ticks + other.idle_ticks,
             all_ticks: self.all_ticks + other.all_ticks,
         }
     }
+}
+
+/// `into` plus `sign` times `other`, name by name (a name only one side has counts as zero on
+/// the other).
+fn combine(
+    mut into: BTreeMap<String, f64>,
+    other: &BTreeMap<String, f64>,
+    sign: f64,
+) -> BTreeMap<String, f64> {
+    for (name, seconds) in other {
+        *into.entry(name.clone()).or_insert(0.0) += sign * seconds;
+    }
+    into
 }
 
 impl Drop for Server {
@@ -329,12 +396,29 @@ struct Measured {
 impl Measured {
     fn per_request_us(&self, seconds: impl Fn(&CpuUse) -> f64) -> Option<f64> {
         self.cpu
+            .as_ref()
             .filter(|_| self.outcome.requests > 0)
-            .map(|cpu| seconds(&cpu) / self.outcome.requests as f64 * 1e6)
+            .map(|cpu| seconds(cpu) / self.outcome.requests as f64 * 1e6)
+    }
+
+    /// µs of CPU a request on each of the server's named threads.
+    fn per_thread_us(&self) -> BTreeMap<String, f64> {
+        let (Some(cpu), requests) = (&self.cpu, self.outcome.requests) else {
+            return BTreeMap::new();
+        };
+        cpu.server_threads
+            .iter()
+            .filter(|_| requests > 0)
+            .map(|(name, seconds)| {
+                let us = seconds / requests as f64 * 1e6;
+                (name.clone(), (us * 10.0).round() / 10.0)
+            })
+            .collect()
     }
 
     fn idle_percent(&self) -> Option<f64> {
         self.cpu
+            .as_ref()
             .filter(|cpu| cpu.all_ticks > 0)
             .map(|cpu| cpu.idle_ticks as f64 / cpu.all_ticks as f64 * 100.0)
     }
@@ -541,6 +625,11 @@ fn row(
         "server_cpu_us_per_request": tenths(measured.per_request_us(|c| c.server_seconds)),
         "generator_cpu_us_per_request": tenths(measured.per_request_us(|c| c.generator_seconds)),
         "rest_cpu_us_per_request": tenths(measured.per_request_us(CpuUse::rest_seconds)),
+        "server_thread_cpu_us_per_request": measured.per_thread_us(),
+        // Bytes rather than µs: the same division by the requests.
+        "server_storage_read_bytes_per_request": tenths(
+            measured.per_request_us(|c| c.server_storage_read_bytes as f64 * 1e-6)
+        ),
         "machine_idle_percent": tenths(measured.idle_percent()),
     })
 }
@@ -548,7 +637,7 @@ fn row(
 fn print_row(r: &Value) {
     let tenth = |v: &Value| v.as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
     println!(
-        "{:<9} {:>8} {:<16} {:>9.0} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7} {:>7} {:>6} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9.0} {:>9.0} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6}",
         r["backend"].as_str().unwrap_or(""),
         r["profiles"].as_u64().unwrap_or(0),
         r["scenario"].as_str().unwrap_or(""),
@@ -564,6 +653,9 @@ fn print_row(r: &Value) {
         tenth(&r["generator_cpu_us_per_request"]),
         tenth(&r["rest_cpu_us_per_request"]),
         tenth(&r["machine_idle_percent"]),
+        r["server_storage_read_bytes_per_request"]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.0}")),
         r["errors"],
     );
 }
@@ -702,15 +794,16 @@ async fn main() -> anyhow::Result<()> {
         "concurrency {}, {} s per scenario in {} slices, each after a slice of /health ({} s in \
          all, `base/s`); `x base` is the median of the slices' ratios; latencies in ms; CPU \
          time per request of the server (`cpu µs`), of this load generator (`gen µs`) and of \
-         the rest of the machine (`rest µs`: PostgreSQL's backends, when it runs here), and \
-         the share of the machine's CPU time left idle",
+         the rest of the machine (`rest µs`: PostgreSQL's backends, when it runs here), \
+         the share of the machine's CPU time left idle, and the bytes a request the server had \
+         read from the disk rather than the kernel's page cache (`disk B`)",
         args.concurrency, args.duration, args.rounds, args.baseline_duration
     );
     if args.backends.iter().any(|b| b == "postgres") {
         println!("PostgreSQL at {}", args.postgres_url);
     }
     println!(
-        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>6}",
+        "{:<9} {:>8} {:<16} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6}",
         "backend",
         "profiles",
         "scenario",
@@ -724,6 +817,7 @@ async fn main() -> anyhow::Result<()> {
         "gen µs",
         "rest µs",
         "idle %",
+        "disk B",
         "errors"
     );
     for backend in &args.backends {
@@ -886,6 +980,8 @@ mod tests {
     fn the_rest_is_the_busy_time_the_server_and_generator_did_not_use() {
         let cpu = |server_seconds, idle_ticks| CpuUse {
             server_seconds,
+            server_threads: BTreeMap::new(),
+            server_storage_read_bytes: 0,
             generator_seconds: 0.5,
             idle_ticks,
             all_ticks: 400,
@@ -894,6 +990,33 @@ mod tests {
         assert_eq!(cpu(1.0, 50).rest_seconds(), 2.0);
         // Sampled apart, the processes may seem to have used more than the machine.
         assert_eq!(cpu(3.2, 50).rest_seconds(), 0.0);
+    }
+
+    #[test]
+    fn thread_sums_are_taken_name_by_name() {
+        let at = |pairs: &[(&str, f64)]| -> BTreeMap<String, f64> {
+            pairs.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+        };
+        let later = at(&[("sqlite-writer", 3.0), ("tokio-rt-worker", 5.0)]);
+        let earlier = at(&[("sqlite-writer", 1.0), ("gone", 0.5)]);
+        assert_eq!(
+            combine(later, &earlier, -1.0),
+            at(&[
+                ("gone", -0.5),
+                ("sqlite-writer", 2.0),
+                ("tokio-rt-worker", 5.0)
+            ])
+        );
+        // The process's own threads: this test's thread is among them, with some CPU.
+        let own = thread_cpu_seconds(std::process::id());
+        assert!(
+            !own.is_empty() && own.values().all(|s| *s >= 0.0),
+            "{own:?}"
+        );
+        assert_eq!(
+            stat_cpu_seconds("12 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0"),
+            Some(3.0)
+        );
     }
 
     #[test]
