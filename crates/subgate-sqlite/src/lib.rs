@@ -122,6 +122,12 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
     }
 }
 
+/// Whether SQLite runs with this crate's page cache ([`page_cache`]): it does unless something
+/// in the process opened a SQLite connection before this crate opened its first.
+pub fn page_cache_in_use() -> bool {
+    page_cache::in_use()
+}
+
 /// Parses `sqlite://path`, `sqlite:path` and `sqlite:///absolute/path` into a file path.
 pub fn path_from_url(url: &str) -> Option<PathBuf> {
     let rest = url.strip_prefix("sqlite:")?;
@@ -238,6 +244,11 @@ impl SqliteStore {
         }
         let lock = if owner { Some(lock_file(&path)?) } else { None };
         let mut writer_conn = open_writer(&path)?;
+        if !page_cache_in_use() {
+            tracing::warn!(
+                "SQLite started before Subgate could set its page cache up; writes will be slower"
+            );
+        }
         schema::migrate(&mut writer_conn)?;
         // The writer touches pages all over the indexes; reading them back through syscalls
         // showed in profiles. 32 MiB keeps the hot part in memory. Checkpoints (copying the

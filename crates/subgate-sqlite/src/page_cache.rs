@@ -23,6 +23,7 @@
 
 use rusqlite::ffi;
 use std::os::raw::{c_int, c_uint, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Once, OnceLock};
 
 /// Where SQLite's locks live: the file offset of its lock-byte page (`PENDING_BYTE`).
@@ -41,6 +42,15 @@ unsafe impl Sync for DefaultMethods {}
 
 static DEFAULT: OnceLock<DefaultMethods> = OnceLock::new();
 static INSTALL: Once = Once::new();
+
+/// Set once SQLite has taken the wrapper as its page cache.
+static IN_USE: AtomicBool = AtomicBool::new(false);
+
+/// Whether SQLite took the wrapper: false when something initialized SQLite before
+/// [`install`] ran, which leaves the default cache (correct, only slower).
+pub fn in_use() -> bool {
+    IN_USE.load(Ordering::Relaxed)
+}
 
 /// Counts the pages filed under [`PARKED_KEY`], so that tests can see the path taken.
 #[cfg(test)]
@@ -106,7 +116,9 @@ pub fn install() {
                 &wrapper as *const ffi::sqlite3_pcache_methods2,
             )
         };
-        if set != ffi::SQLITE_OK {
+        if set == ffi::SQLITE_OK {
+            IN_USE.store(true, Ordering::Relaxed);
+        } else {
             tracing::debug!(
                 code = set,
                 "SQLite had started: its page cache is left as it is"
@@ -266,7 +278,6 @@ unsafe extern "C" fn shrink(cache: *mut ffi::sqlite3_pcache) {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::sync::atomic::Ordering;
 
     /// Random inserts, growths and deletes make SQLite rebalance with swaps, which park pages
     /// under key 0; the file must read back whole, as a map kept beside it says.
