@@ -197,7 +197,8 @@ fn idle_and_all_ticks(stat: &str) -> Option<(u64, u64)> {
 struct CpuUse {
     server_seconds: f64,
     server_threads: BTreeMap<String, f64>,
-    server_storage_read_bytes: u64,
+    /// `None` where `/proc/<pid>/io` could not be read: unknown, not zero.
+    server_storage_read_bytes: Option<u64>,
     generator_seconds: f64,
     idle_ticks: u64,
     all_ticks: u64,
@@ -210,7 +211,7 @@ impl CpuUse {
         Some(CpuUse {
             server_seconds: process_cpu_seconds(pid)?,
             server_threads: thread_cpu_seconds(pid),
-            server_storage_read_bytes: storage_read_bytes(pid).unwrap_or(0),
+            server_storage_read_bytes: storage_read_bytes(pid),
             generator_seconds: process_cpu_seconds(std::process::id())?,
             idle_ticks,
             all_ticks,
@@ -223,7 +224,8 @@ impl CpuUse {
             server_threads: combine(self.server_threads, &before.server_threads, -1.0),
             server_storage_read_bytes: self
                 .server_storage_read_bytes
-                .saturating_sub(before.server_storage_read_bytes),
+                .zip(before.server_storage_read_bytes)
+                .map(|(now, then)| now.saturating_sub(then)),
             generator_seconds: self.generator_seconds - before.generator_seconds,
             idle_ticks: self.idle_ticks.saturating_sub(before.idle_ticks),
             all_ticks: self.all_ticks.saturating_sub(before.all_ticks),
@@ -242,8 +244,10 @@ impl CpuUse {
         CpuUse {
             server_seconds: self.server_seconds + other.server_seconds,
             server_threads: combine(self.server_threads, &other.server_threads, 1.0),
-            server_storage_read_bytes: self.server_storage_read_bytes
-                + other.server_storage_read_bytes,
+            server_storage_read_bytes: self
+                .server_storage_read_bytes
+                .zip(other.server_storage_read_bytes)
+                .map(|(a, b)| a + b),
             generator_seconds: self.generator_seconds + other.generator_seconds,
             idle_ticks: self.idle_ticks + other.idle_ticks,
             all_ticks: self.all_ticks + other.all_ticks,
@@ -394,26 +398,17 @@ struct Measured {
 }
 
 impl Measured {
-    fn per_request_us(&self, seconds: impl Fn(&CpuUse) -> f64) -> Option<f64> {
+    /// `amount` of the measured span divided by its requests.
+    fn per_request(&self, amount: impl Fn(&CpuUse) -> Option<f64>) -> Option<f64> {
         self.cpu
             .as_ref()
             .filter(|_| self.outcome.requests > 0)
-            .map(|cpu| seconds(cpu) / self.outcome.requests as f64 * 1e6)
+            .and_then(amount)
+            .map(|amount| amount / self.outcome.requests as f64)
     }
 
-    /// µs of CPU a request on each of the server's named threads.
-    fn per_thread_us(&self) -> BTreeMap<String, f64> {
-        let (Some(cpu), requests) = (&self.cpu, self.outcome.requests) else {
-            return BTreeMap::new();
-        };
-        cpu.server_threads
-            .iter()
-            .filter(|_| requests > 0)
-            .map(|(name, seconds)| {
-                let us = seconds / requests as f64 * 1e6;
-                (name.clone(), (us * 10.0).round() / 10.0)
-            })
-            .collect()
+    fn per_request_us(&self, seconds: impl Fn(&CpuUse) -> f64) -> Option<f64> {
+        self.per_request(|cpu| Some(seconds(cpu))).map(|s| s * 1e6)
     }
 
     fn idle_percent(&self) -> Option<f64> {
@@ -611,6 +606,7 @@ fn row(
 ) -> Value {
     let outcome = &measured.outcome;
     let tenths = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
+    let thread_names = measured.cpu.iter().flat_map(|c| c.server_threads.keys());
     json!({
         "backend": backend,
         "profiles": size,
@@ -625,10 +621,14 @@ fn row(
         "server_cpu_us_per_request": tenths(measured.per_request_us(|c| c.server_seconds)),
         "generator_cpu_us_per_request": tenths(measured.per_request_us(|c| c.generator_seconds)),
         "rest_cpu_us_per_request": tenths(measured.per_request_us(CpuUse::rest_seconds)),
-        "server_thread_cpu_us_per_request": measured.per_thread_us(),
-        // Bytes rather than µs: the same division by the requests.
+        "server_thread_cpu_us_per_request": thread_names
+            .map(|name| {
+                let seconds = |c: &CpuUse| c.server_threads.get(name).copied().unwrap_or(0.0);
+                (name.clone(), tenths(measured.per_request_us(seconds)))
+            })
+            .collect::<BTreeMap<_, _>>(),
         "server_storage_read_bytes_per_request": tenths(
-            measured.per_request_us(|c| c.server_storage_read_bytes as f64 * 1e-6)
+            measured.per_request(|c| c.server_storage_read_bytes.map(|b| b as f64))
         ),
         "machine_idle_percent": tenths(measured.idle_percent()),
     })
@@ -981,7 +981,7 @@ mod tests {
         let cpu = |server_seconds, idle_ticks| CpuUse {
             server_seconds,
             server_threads: BTreeMap::new(),
-            server_storage_read_bytes: 0,
+            server_storage_read_bytes: None,
             generator_seconds: 0.5,
             idle_ticks,
             all_ticks: 400,
