@@ -504,11 +504,33 @@ impl Node {
 }
 
 /// A scenario's figures at one size: its measurement, the `/health` rate beside it and its
-/// ratio to that rate.
+/// ratio to that rate, and the rounds' slices that ratio was taken from.
 struct Figures {
     measured: Measured,
     base_rate: f64,
     ratio: f64,
+    slices: Vec<Slice>,
+}
+
+/// One round at one size: the rate of its `/health` slice and of the scenario's slice right
+/// after it. Kept in the JSON, so that a ratio far from the run's others can be traced to the
+/// slice it came from.
+#[derive(Debug, Clone, Copy)]
+struct Slice {
+    base_rate: f64,
+    rate: f64,
+}
+
+impl Slice {
+    fn ratio(self) -> f64 {
+        self.rate / self.base_rate.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The median of the slices' ratios, which one slice the machine's speed changed in does not
+/// move.
+fn median_ratio(slices: &[Slice]) -> f64 {
+    median(&mut slices.iter().map(|s| s.ratio()).collect::<Vec<_>>())
 }
 
 /// A scenario beside `/health`, at every size in turn. This machine's speed changes by a
@@ -529,7 +551,7 @@ async fn measure_beside_baseline(
         merged: Option<Measured>,
         base_requests: u64,
         base_seconds: f64,
-        ratios: Vec<f64>,
+        slices: Vec<Slice>,
     }
     let rounds = args.rounds.max(1);
     let slice = |seconds: u64| Duration::from_secs_f64(seconds as f64 / f64::from(rounds));
@@ -564,9 +586,10 @@ async fn measure_beside_baseline(
                 None,
             )
             .await?;
-            tally
-                .ratios
-                .push(part.outcome.rate() / base.outcome.rate().max(f64::MIN_POSITIVE));
+            tally.slices.push(Slice {
+                base_rate: base.outcome.rate(),
+                rate: part.outcome.rate(),
+            });
             tally.base_requests += base.outcome.requests;
             tally.base_seconds += base.outcome.seconds;
             tally.merged = Some(match tally.merged.take() {
@@ -577,11 +600,12 @@ async fn measure_beside_baseline(
     }
     tallies
         .into_iter()
-        .map(|mut t| {
+        .map(|t| {
             Ok(Figures {
                 measured: t.merged.context("no rounds were run")?,
                 base_rate: t.base_requests as f64 / t.base_seconds,
-                ratio: median(&mut t.ratios),
+                ratio: median_ratio(&t.slices),
+                slices: t.slices,
             })
         })
         .collect()
@@ -596,16 +620,19 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// A table row; `baseline` is the `/health` rate beside the scenario and the ratio to it.
+/// A table row; `baseline` is the `/health` rate beside the scenario and the ratio to it,
+/// `slices` the rounds that ratio came from (none for a row measured in one piece).
 fn row(
     backend: &str,
     size: u64,
     name: &str,
     measured: &Measured,
     (baseline, ratio): (f64, f64),
+    slices: &[Slice],
 ) -> Value {
     let outcome = &measured.outcome;
     let tenths = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
+    let thousandths = |v: f64| (v * 1000.0).round() / 1000.0;
     let thread_names = measured.cpu.iter().flat_map(|c| c.server_threads.keys());
     json!({
         "backend": backend,
@@ -613,7 +640,7 @@ fn row(
         "scenario": name,
         "requests_per_second": outcome.rate().round(),
         "baseline_requests_per_second": baseline.round(),
-        "ratio_to_baseline": (ratio * 1000.0).round() / 1000.0,
+        "ratio_to_baseline": thousandths(ratio),
         "p50_ms": outcome.percentile_ms(0.5),
         "p99_ms": outcome.percentile_ms(0.99),
         "p999_ms": outcome.percentile_ms(0.999),
@@ -631,6 +658,14 @@ fn row(
             measured.per_request(|c| c.server_storage_read_bytes.map(|b| b as f64))
         ),
         "machine_idle_percent": tenths(measured.idle_percent()),
+        "slices": slices
+            .iter()
+            .map(|s| json!({
+                "baseline_requests_per_second": s.base_rate.round(),
+                "requests_per_second": s.rate.round(),
+                "ratio_to_baseline": thousandths(s.ratio()),
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -851,6 +886,7 @@ async fn main() -> anyhow::Result<()> {
                         base_rate: m.outcome.rate(),
                         measured: m,
                         ratio: 1.0,
+                        slices: Vec::new(),
                     });
                 }
                 measured
@@ -864,6 +900,7 @@ async fn main() -> anyhow::Result<()> {
                     scenario.name(),
                     &f.measured,
                     (f.base_rate, f.ratio),
+                    &f.slices,
                 );
                 print_row(&r);
                 rows.push(r);
@@ -890,6 +927,7 @@ async fn main() -> anyhow::Result<()> {
                         "get_profile@50%",
                         &paced,
                         (f.base_rate, f.ratio * share),
+                        &[],
                     );
                     print_row(&r);
                     rows.push(r);
@@ -911,6 +949,7 @@ async fn main() -> anyhow::Result<()> {
                         "baseline@paced",
                         &floor,
                         (f.base_rate, floor_ratio),
+                        &[],
                     );
                     print_row(&r);
                     rows.push(r);
@@ -990,6 +1029,48 @@ mod tests {
         assert_eq!(cpu(1.0, 50).rest_seconds(), 2.0);
         // Sampled apart, the processes may seem to have used more than the machine.
         assert_eq!(cpu(3.2, 50).rest_seconds(), 0.0);
+    }
+
+    #[test]
+    fn the_ratio_is_the_median_of_the_slices_ratios_and_each_slice_is_reported() {
+        let slices = [
+            Slice {
+                base_rate: 100.0,
+                rate: 60.0,
+            },
+            // A slice whose `/health` half met a slower machine: it does not move the median.
+            Slice {
+                base_rate: 50.0,
+                rate: 60.0,
+            },
+            Slice {
+                base_rate: 100.0,
+                rate: 50.0,
+            },
+        ];
+        assert!((median_ratio(&slices) - 0.6).abs() < 1e-9);
+        let measured = Measured {
+            outcome: Outcome {
+                requests: 0,
+                errors: 0,
+                seconds: 1.0,
+                latency_us: hdrhistogram::Histogram::new(3).expect("a valid precision"),
+            },
+            cpu: None,
+        };
+        let r = row("sqlite", 10, "get_profile", &measured, (80.0, 0.6), &slices);
+        let reported: Vec<f64> = r["slices"]
+            .as_array()
+            .expect("slices are listed")
+            .iter()
+            .map(|s| {
+                s["ratio_to_baseline"]
+                    .as_f64()
+                    .expect("each slice has its ratio")
+            })
+            .collect();
+        assert_eq!(reported, [0.6, 1.2, 0.5]);
+        assert_eq!(r["slices"][1]["baseline_requests_per_second"], 50.0);
     }
 
     #[test]
