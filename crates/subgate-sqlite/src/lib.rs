@@ -14,6 +14,7 @@ mod cache;
 mod codec;
 mod inline_readers;
 mod page_cache;
+mod random_access;
 mod read_ahead;
 mod rows;
 mod schema;
@@ -179,6 +180,7 @@ fn open_connection_via(
     )
     .map_err(unavailable)?;
     conn.set_prepared_statement_cache_capacity(64);
+    random_access::advise(path);
     Ok(conn)
 }
 
