@@ -40,8 +40,9 @@ pub fn advise(database: &Path) -> usize {
         else {
             continue;
         };
-        // SAFETY: posix_fadvise only reads its integer arguments; a descriptor closed since
-        // the listing makes it fail with EBADF.
+        // SAFETY: posix_fadvise only reads its integer arguments. A descriptor closed since
+        // the listing makes it fail with EBADF; one reopened on another file in between gets
+        // advice that changes only how its misses are read.
         match unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM) } {
             0 => advised += 1,
             error => tracing::debug!(fd, error, "posix_fadvise(RANDOM) failed"),
