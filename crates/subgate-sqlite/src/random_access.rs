@@ -84,12 +84,7 @@ mod tests {
 
     /// Blocks (512 bytes) this thread had read from the disk so far.
     fn blocks_read() -> i64 {
-        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-        // SAFETY: getrusage fills the structure it is given; zeroed before, so always valid.
-        unsafe {
-            libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr());
-            usage.assume_init().ru_inblock
-        }
+        crate::read_ahead::blocks_read_by_this_thread().expect("getrusage on Linux")
     }
 
     /// Reads the page right after a cached run, from a file otherwise out of the page cache,

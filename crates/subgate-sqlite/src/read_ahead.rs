@@ -57,7 +57,7 @@ impl IndexReadAhead {
 /// Blocks this thread has asked the disk for so far (the kernel counts what reads submitted,
 /// so a read served by the page cache adds nothing).
 #[cfg(target_os = "linux")]
-fn blocks_read_by_this_thread() -> Option<i64> {
+pub(crate) fn blocks_read_by_this_thread() -> Option<i64> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the rusage it is given a pointer to; it is read only on success.
     let filled = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } == 0;
@@ -67,7 +67,7 @@ fn blocks_read_by_this_thread() -> Option<i64> {
 
 /// Elsewhere the count is unknown: every write reads ahead.
 #[cfg(not(target_os = "linux"))]
-fn blocks_read_by_this_thread() -> Option<i64> {
+pub(crate) fn blocks_read_by_this_thread() -> Option<i64> {
     None
 }
 
